@@ -1,0 +1,3 @@
+from privimage.cli import main
+
+main()
