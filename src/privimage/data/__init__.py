@@ -1,0 +1,180 @@
+"""Datasets: the built-in offline sets and the user's own images, as one `ImageDataset` type.
+
+`load_dataset` takes a built-in name or a path; `load_sensitive` adds the train/test split. Images stay
+uint8 NHWC in memory; `to_tensor` / `to_uint8` convert to and from the models' float NCHW in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from privimage.data.builtin import BUILTIN_NAMES, BuiltinInfo, builtin_datasets, load_builtin
+from privimage.data.user import load_user
+from privimage.errors import UserError
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "BuiltinInfo",
+    "ImageDataset",
+    "builtin_datasets",
+    "default_cache_dir",
+    "load_dataset",
+    "load_sensitive",
+    "to_tensor",
+    "to_uint8",
+]
+
+# The train/test split is part of the data, not of a run: every run on a dataset gets the same split.
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    images: np.ndarray  # uint8, N×H×W×C (C = 1 or 3)
+    labels: np.ndarray  # int64, N, each in [0, len(class_names))
+    class_names: tuple[str, ...]
+    name: str  # a built-in name or the user's path
+
+    def __post_init__(self) -> None:
+        images, labels = self.images, self.labels
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 N×H×W×C, C 1 or 3; got {images.dtype} {images.shape}")
+        if labels.dtype != np.int64 or labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must be int64, one per image; got {labels.dtype} {labels.shape}")
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(self.class_names):
+            raise ValueError(f"labels must lie in [0, {len(self.class_names)})")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[3]
+
+    def subset(self, indices: np.ndarray) -> ImageDataset:
+        return replace(self, images=self.images[indices], labels=self.labels[indices])
+
+    def fingerprint(self) -> str:
+        """Short content hash (images, labels, class names) that keys caches derived from this data."""
+        digest = hashlib.sha256(json.dumps([self.images.shape, self.class_names]).encode())
+        digest.update(np.ascontiguousarray(self.images).data)
+        digest.update(np.ascontiguousarray(self.labels).data)
+        return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> Path:
+    """$PRIVIMAGE_CACHE, else ~/.cache/privimage."""
+    return Path(os.environ.get("PRIVIMAGE_CACHE") or Path.home() / ".cache" / "privimage").expanduser()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _check_shape(resolution: int, channels: int) -> None:
+    if not _is_int(resolution) or resolution < 8:
+        raise UserError(f"resolution {resolution!r} is not an integer of at least 8: set e.g. resolution: 28")
+    if not _is_int(channels) or channels not in (1, 3):
+        raise UserError(f"channels {channels!r} is neither 1 nor 3: set 1 for grayscale or 3 for RGB")
+
+
+def _user_path(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    known = ", ".join(BUILTIN_NAMES)
+    if os.sep in spec or "/" in spec or spec.startswith((".", "~")) or path.suffix:
+        raise UserError(f"path {spec} does not exist: check it, or name a built-in dataset ({known})")
+    raise UserError(f"unknown built-in dataset {spec!r}: use one of {known}, or a path to a folder or .npz")
+
+
+def load_dataset(
+    spec: str,
+    *,
+    resolution: int = 28,
+    channels: int = 1,
+    cache_dir: Path | None = None,
+    glyph_samples: int = 300,
+    seed: int = 0,
+) -> ImageDataset:
+    """A built-in dataset by name (`glyph_samples` and `seed` shape the generated glyphs) or a folder/.npz."""
+    _check_shape(resolution, channels)
+    if spec not in BUILTIN_NAMES:
+        images, labels, class_names = load_user(_user_path(spec), resolution, channels)
+        return ImageDataset(images, labels, class_names, spec)
+    if not _is_int(glyph_samples) or glyph_samples < 1:
+        raise UserError(f"glyph_samples {glyph_samples!r} is not a positive integer: set e.g. 300")
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    gray, labels, class_names = load_builtin(
+        spec, resolution=resolution, cache_dir=cache_dir, glyph_samples=glyph_samples, seed=seed
+    )
+    images = np.repeat(gray[..., None], channels, axis=-1)
+    return ImageDataset(images, labels, class_names, spec)
+
+
+def _align_classes(test: ImageDataset, class_names: tuple[str, ...]) -> ImageDataset:
+    """Relabel a separately given test set into the training set's class order."""
+    if test.class_names == class_names:
+        return test
+    if len(test.class_names) == len(class_names) == 1:  # unlabelled folders, named after themselves
+        return replace(test, class_names=class_names)
+    unknown = sorted(set(test.class_names) - set(class_names))
+    if unknown:
+        raise UserError(
+            f"test set {test.name} has classes the training set lacks ({', '.join(unknown[:5])}): "
+            "give both the same class folders or class_names"
+        )
+    position = {name: index for index, name in enumerate(class_names)}
+    relabel = np.array([position[name] for name in test.class_names], np.int64)
+    return ImageDataset(test.images, relabel[test.labels], class_names, test.name)
+
+
+def load_sensitive(
+    spec: str,
+    *,
+    resolution: int,
+    channels: int,
+    test_fraction: float = 0.2,
+    test_spec: str | None = None,
+    cache_dir: Path | None = None,
+) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) of the sensitive data: `test_spec` as the test set, else one fixed random split."""
+    data = load_dataset(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
+    if test_spec is not None:
+        test = load_dataset(test_spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
+        return data, _align_classes(test, data.class_names)
+    if not 0 < test_fraction < 1:
+        raise UserError(f"test_fraction {test_fraction!r} is not between 0 and 1: set e.g. 0.2")
+    test_size = round(len(data) * test_fraction)
+    if not 0 < test_size < len(data):
+        raise UserError(
+            f"{spec}: too few images to hold out test_fraction {test_fraction}: add images or give a test set"
+        )
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(data))
+    return data.subset(order[test_size:]), data.subset(order[:test_size])
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N×H×W×C -> float32 N×C×H×W in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float N×C×H×W in [-1, 1] -> uint8 N×H×W×C; values outside the range are clamped."""
+    pixels = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().numpy()

@@ -1,0 +1,191 @@
+"""The user's own images: a folder of class subfolders, one folder of unlabelled images, or an .npz.
+
+Every image is converted to the requested channels, centre-cropped to a square and resized, so mixed
+modes and sizes load as one array. Anything wrong with the input is a `UserError` that names the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from privimage.data.geometry import square_resize
+from privimage.errors import UserError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
+NPZ_HELP = "save it with numpy.savez(path, images=uint8 N×H×W[×C], labels=integers, class_names=strings)"
+ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+
+# Images N×r×r×C uint8, int64 labels, class names.
+Labelled = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
+
+
+def _visible(path: Path) -> bool:
+    return not path.name.startswith(".")
+
+
+def _is_image(path: Path) -> bool:
+    return _visible(path) and path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files anywhere under `folder`, sorted; symlinked folders are not entered, so no loops."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        found += [path for path in map(Path(root).joinpath, files) if _is_image(path)]
+    return sorted(found)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """Map high-bit-depth grayscale modes (I;16*, I, F) onto 0..255 'L'."""
+    values = np.asarray(image, np.float64)
+    if image.mode.startswith("I;16"):
+        scale = 255 / 65535
+    elif image.mode == "I":  # 32-bit ints: 16-bit data from PNG/TIFF unless it stays within 8 bits
+        scale = 255 / 65535 if values.max(initial=0) > 255 else 1.0
+    else:  # "F": floats in [0, 1] unless larger values say 0..255
+        scale = 255.0 if values.max(initial=0) <= 1 else 1.0
+    return Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8))
+
+
+def convert_image(image: Image.Image, channels: int) -> Image.Image:
+    """Any PIL mode to 'L' (channels 1) or 'RGB' (channels 3); transparency is composited on black."""
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
+    if image.mode in ALPHA_MODES or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), np.float32)
+        image = Image.fromarray(np.rint(rgba[..., :3] * rgba[..., 3:] / 255).astype(np.uint8))
+    return image.convert("L" if channels == 1 else "RGB")
+
+
+def read_image(path: Path, resolution: int, channels: int) -> np.ndarray:
+    """One image file as a resolution×resolution×channels uint8 array."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                upright = ImageOps.exif_transpose(image)  # camera rotation; also decodes the pixels
+                converted = convert_image(upright, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UserError(
+            f"{path}: image has more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression-bomb guard): "
+            "shrink or remove it"
+        ) from None
+    except Exception as error:  # decoders raise many types (OSError, SyntaxError, ValueError, ...)
+        raise UserError(f"{path}: unreadable image ({error}): re-save it as PNG/JPEG or remove it") from error
+    array = np.asarray(square_resize(converted, resolution))
+    return array.reshape(resolution, resolution, channels)
+
+
+def _read_all(paths: list[Path], resolution: int, channels: int, desc: str) -> np.ndarray:
+    return np.stack([read_image(path, resolution, channels) for path in tqdm(paths, desc=desc, leave=False)])
+
+
+def load_folder(folder: Path, resolution: int, channels: int) -> Labelled:
+    """One class per subfolder (sorted names), or one unlabelled class named after a folder of images."""
+    class_dirs = sorted(p for p in folder.iterdir() if _visible(p) and p.is_dir() and not p.is_symlink())
+    loose_images = sorted(p for p in folder.iterdir() if _is_image(p))
+    if class_dirs and loose_images:
+        raise UserError(
+            f"folder {folder} holds both images and subfolders: put every image in a class subfolder, "
+            "or remove the subfolders to use the images as one unlabelled class"
+        )
+    if not class_dirs:
+        if not loose_images:
+            raise UserError(
+                f"folder {folder} has no images: put one subfolder of PNG/JPEG images per class in it "
+                "(or the images themselves for one unlabelled class)"
+            )
+        images = _read_all(loose_images, resolution, channels, f"reading {folder}")
+        return images, np.zeros(len(images), np.int64), (folder.resolve().name,)
+    images, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        paths = _images_under(class_dir)
+        if not paths:
+            raise UserError(f"class folder {class_dir} has no images: add PNG/JPEG images to it or remove it")
+        images.append(_read_all(paths, resolution, channels, f"reading {class_dir.name}"))
+        labels.append(np.full(len(paths), label, np.int64))
+    return np.concatenate(images), np.concatenate(labels), tuple(p.name for p in class_dirs)
+
+
+def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [key for key in ("images", "labels") if key not in archive.files]
+            if missing:
+                raise UserError(f"{path}: no {' or '.join(missing)} array in the file: {NPZ_HELP}")
+            names = archive["class_names"] if "class_names" in archive.files else None
+            return archive["images"], archive["labels"], names
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        # Object arrays (pickles) land here too: allow_pickle stays off for files from elsewhere.
+        raise UserError(f"{path}: unreadable .npz ({error}): {NPZ_HELP}") from error
+
+
+def _npz_images(path: Path, images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """Validate the images array and bring it to N×resolution×resolution×channels."""
+    if images.dtype != np.uint8:
+        raise UserError(f"{path}: images are {images.dtype}, not uint8: store values 0..255 as np.uint8")
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
+        raise UserError(f"{path}: images have shape {images.shape}: store N×H×W or N×H×W×C with C 1 or 3")
+    if images.shape[1:] == (resolution, resolution, channels):
+        return images
+    mode = "L" if channels == 1 else "RGB"
+    pil = (Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image) for image in images)
+    resized = [np.asarray(square_resize(image.convert(mode), resolution)) for image in pil]
+    return np.stack(resized).reshape(len(images), resolution, resolution, channels)
+
+
+def _npz_labels(
+    path: Path, labels: np.ndarray, count: int, names: np.ndarray | None
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Check the labels (and class names) against each other and the image count."""
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: labels are {labels.dtype} of shape {labels.shape}: store a 1-D integer array")
+    labels = labels.astype(np.int64)
+    if len(labels) != count:
+        raise UserError(f"{path}: {count} images but {len(labels)} labels: store one label per image")
+    if labels.min() < 0:
+        raise UserError(f"{path}: negative labels: number the classes 0..K-1")
+    if names is not None:
+        if names.ndim != 1 or names.dtype.kind not in "US":
+            raise UserError(f"{path}: class_names must be a 1-D array of strings")
+        class_names = tuple(str(name) for name in names.tolist())
+        if labels.max() >= len(class_names):
+            raise UserError(
+                f"{path}: labels reach {labels.max()} but there are {len(class_names)} class_names: "
+                "number the classes 0..K-1 or add their names"
+            )
+    else:
+        class_names = tuple(str(label) for label in range(labels.max() + 1))
+    empty = np.flatnonzero(np.bincount(labels, minlength=len(class_names)) == 0)
+    if len(empty):
+        raise UserError(
+            f"{path}: class {class_names[empty[0]]!r} has no images: number the classes 0..K-1 with no gaps, "
+            "or drop the empty class from class_names"
+        )
+    return labels, class_names
+
+
+def load_npz(path: Path, resolution: int, channels: int) -> Labelled:
+    images, labels, names = _npz_arrays(path)
+    images = _npz_images(path, images, resolution, channels)
+    labels, class_names = _npz_labels(path, labels, len(images), names)
+    return images, labels, class_names
+
+
+def load_user(path: Path, resolution: int, channels: int) -> Labelled:
+    """A user dataset at an existing `path`: a folder or an .npz file."""
+    if path.is_dir():
+        return load_folder(path, resolution, channels)
+    if path.suffix.lower() == ".npz":
+        return load_npz(path, resolution, channels)
+    raise UserError(f"{path} is neither a folder nor an .npz file: point to a folder of images or an .npz")
