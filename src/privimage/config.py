@@ -1,0 +1,144 @@
+"""Configuration: base defaults ← preset ← YAML file ← `key=value` overrides, validated once.
+
+`presets/base.yaml` lists every key privimage knows; anything else is a typo and is refused. The
+resolved configuration is what a run directory records in `config.yaml`, so a stage rerun alone
+reads exactly what the earlier stages used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from privimage.errors import UserError
+
+PRESETS = ("quick", "default", "paper")
+METHODS = ("privimage", "pdp", "dpdm")
+
+
+def _preset_yaml(name: str) -> DictConfig:
+    text = resources.files("privimage.presets").joinpath(f"{name}.yaml").read_text()
+    return OmegaConf.create(text)
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    """Merge `layer` into the struct-locked `base`; unknown keys become a one-line UserError."""
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or ""
+        reason = str(exc).splitlines()[0]
+        if isinstance(exc, ConfigKeyError):
+            raise UserError(
+                f"{source}: unknown config key '{key}': see `privimage run --help` or "
+                "src/privimage/presets/base.yaml for the keys privimage knows"
+            ) from None
+        raise UserError(f"{source}: bad value for '{key}': {reason}") from None
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"override '{item}' is not of the form key=value, e.g. privacy.epsilon=1")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as exc:
+        raise UserError(f"overrides: {str(exc).splitlines()[0]}: write them as key=value") from None
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    saved: str | Path | None = None,
+) -> DictConfig:
+    """Resolve a configuration.
+
+    With neither `preset` nor `config_file`, an existing run's `saved` config.yaml is the starting
+    point (so `privimage sample --out DIR` continues the run it names); otherwise the `default`
+    preset.
+    """
+    cfg = _preset_yaml("base")
+    OmegaConf.set_struct(cfg, True)
+    if preset is None and config_file is None and saved is not None and Path(saved).exists():
+        cfg = _merge(cfg, OmegaConf.load(saved), str(saved))
+    else:
+        name = preset or "default"
+        if name not in PRESETS:
+            raise UserError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+        cfg = _merge(cfg, _preset_yaml(name), f"preset {name}")
+        if config_file is not None:
+            path = Path(config_file)
+            if not path.is_file():
+                raise UserError(f"config file {path} does not exist: pass the path of a YAML file")
+            try:
+                layer = OmegaConf.load(path)
+            except Exception as exc:  # yaml errors come in many types
+                raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
+            cfg = _merge(cfg, layer, str(path))
+    cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
+    validate(cfg)
+    return cfg
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise UserError(message)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse values that would fail later, with the key and the fix in one line."""
+    p = cfg.privacy
+    _check(_is_number(p.epsilon) and p.epsilon > 0, f"privacy.epsilon must be a number > 0 (got {p.epsilon})")
+    _check(_is_number(p.delta) and 0 < p.delta < 1, f"privacy.delta must be in (0, 1), e.g. 1e-5 (got {p.delta})")
+    _check(p.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv (got {p.accountant})")
+    _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
+    _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
+    if cfg.method != "dpdm":
+        _check(cfg.data.public is not None, "data.public is not set: give a built-in name, a folder or an .npz")
+    _check(isinstance(cfg.data.resolution, int) and cfg.data.resolution >= 8,
+           f"data.resolution must be an integer >= 8 (got {cfg.data.resolution})")
+    _check(cfg.data.channels in (1, 3), f"data.channels must be 1 or 3 (got {cfg.data.channels})")
+    _check(_is_number(cfg.data.test_fraction) and 0 < cfg.data.test_fraction < 1,
+           f"data.test_fraction must be in (0, 1) (got {cfg.data.test_fraction})")
+    s = cfg.semantics
+    _check(isinstance(s.k, int) and s.k >= 1, f"semantics.k must be an integer >= 1 (got {s.k})")
+    _check(_is_number(s.query_sigma) and s.query_sigma >= 0,
+           f"semantics.query_sigma must be >= 0 (got {s.query_sigma})")
+    _check(s.per_class is None or (isinstance(s.per_class, int) and s.per_class >= 1),
+           f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
+    f = cfg.finetune
+    _check(_is_number(f.clip_norm) and f.clip_norm > 0, f"finetune.clip_norm must be > 0 (got {f.clip_norm})")
+    _check(isinstance(f.noise_multiplicity, int) and f.noise_multiplicity >= 1,
+           f"finetune.noise_multiplicity must be an integer >= 1 (got {f.noise_multiplicity})")
+    _check(f.epochs is not None or (isinstance(f.steps, int) and f.steps >= 1),
+           f"finetune.steps must be an integer >= 1 (got {f.steps})")
+    _check(f.epochs is None or (_is_number(f.epochs) and f.epochs > 0),
+           f"finetune.epochs must be null or > 0 (got {f.epochs})")
+    _check(_is_number(f.batch_size) and f.batch_size >= 1, f"finetune.batch_size must be >= 1 (got {f.batch_size})")
+    for section in ("pretrain", "finetune", "sample"):
+        value = cfg[section].batch_size if section != "finetune" else f.max_physical_batch
+        _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
+    _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
+    _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of config sections (DictConfig or plain values), for caches and staleness."""
+    plain = [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts]
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
