@@ -17,7 +17,7 @@ def test_layers_apply_in_order(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("privacy:\n  epsilon: 3.0\nsample:\n  n: 7\n")
     cfg = load_config("quick", file, ["privacy.epsilon=2"])
-    assert (cfg.privacy.epsilon, cfg.sample.n, cfg.pretrain.batch_size) == (2, 7, 64)
+    assert (cfg.privacy.epsilon, cfg.sample.n, cfg.pretrain.batch_size) == (2, 7, 32)
 
 
 def test_saved_config_is_the_starting_point(tmp_path):

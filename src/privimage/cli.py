@@ -1,0 +1,128 @@
+"""Command line: `privimage <command> [--out DIR] [--preset P] [--config F.yaml] [key=value ...]`.
+
+A thin layer: it resolves the configuration, opens the pipeline and prints results. Every
+`UserError` becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privimage.config import load_config
+from privimage.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Differentially private synthetic images with semantic-aware pretraining (PrivImage).",
+)
+console = Console(stderr=True)
+
+Out = Annotated[Path, typer.Option("--out", "-o", help="Run directory (created if missing).")]
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="quick | default | paper")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file of config keys.")]
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overrides, e.g. privacy.epsilon=1")]
+DEFAULT_OUT = Path("runs/default")
+
+
+def _pipeline(out: Path, preset: str | None, config: Path | None, overrides: list[str] | None):
+    from privimage.pipeline import Pipeline
+
+    cfg = load_config(preset, config, overrides or (), saved=out / "config.yaml")
+    return Pipeline.open(cfg, out)
+
+
+def _stage_command(stage: str, help_text: str) -> None:
+    def command(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None,
+                overrides: Overrides = None,
+                force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False) -> None:
+        result = _pipeline(out, preset, config, overrides).run_stage(stage, force=force)
+        console.print(f"{stage}: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
+
+    command.__doc__ = help_text
+    app.command(name=stage)(command)
+
+
+@app.command()
+def run(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """Run the whole pipeline: semantics → pretrain → finetune → sample → evaluate → report."""
+    from privimage.report.summary import print_summary
+
+    pipeline = _pipeline(out, preset, config, overrides)
+    results = pipeline.run_all(
+        lambda r: console.print(f"[bold]{r.stage}[/]: " + ("up to date, skipped" if r.skipped else f"done in {r.seconds:.0f}s"))
+    )
+    print_summary(pipeline.run, results, console)
+
+
+_stage_command("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.")
+_stage_command("pretrain", "Pretrain the diffusion model on the selected public images (non-private).")
+_stage_command("finetune", "Fine-tune the pretrained model with DP-SGD on the sensitive training split.")
+_stage_command("evaluate", "FID, downstream accuracy, precision/recall and memorization of the synthetic set.")
+_stage_command("report", "Write report.html: config, privacy ledger, semantics, samples, metrics.")
+
+
+@app.command()
+def sample(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
+           n: Annotated[Optional[int], typer.Option("--n", help="Number of images (sample.n).")] = None) -> None:
+    """Sample a labelled synthetic dataset (synthetic.npz, PNG folders, samples.png); no privacy cost."""
+    extra = [f"sample.n={n}"] if n is not None else []
+    result = _pipeline(out, preset, config, [*(overrides or []), *extra]).run_stage("sample")
+    console.print(f"sample: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
+
+
+@app.command()
+def budget(
+    epsilon: Annotated[float, typer.Option(help="Target ε.")],
+    delta: Annotated[float, typer.Option(help="Target δ.")],
+    query_sigma: Annotated[float, typer.Option(help="Noise multiplier of the semantic query (0: no query).")],
+    sample_rate: Annotated[float, typer.Option(help="DP-SGD Poisson sampling rate q.")],
+    steps: Annotated[int, typer.Option(help="DP-SGD steps T.")],
+    accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+) -> None:
+    """Calibrate DP-SGD's noise so that query + DP-SGD meet (ε, δ); prints one JSON object."""
+    from privimage.privacy.accountant import budget as compute_budget
+
+    if not 0 < sample_rate <= 1:
+        raise UserError(f"--sample-rate must be in (0, 1] (got {sample_rate})")
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1 (got {steps})")
+    if accountant not in ("rdp", "prv"):
+        raise UserError(f"--accountant must be rdp or prv (got {accountant})")
+    if epsilon <= 0 or not 0 < delta < 1 or query_sigma < 0:
+        raise UserError("need --epsilon > 0, 0 < --delta < 1 and --query-sigma >= 0")
+    print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
+
+
+@app.command()
+def datasets(
+    glyph_samples: Annotated[int, typer.Option(help="Images per glyph class (data.glyph_samples).")] = 300,
+) -> None:
+    """List the built-in datasets with their sizes and classes."""
+    from privimage.data import builtin_datasets
+
+    table = Table("name", "role", "images", "classes", "examples", "description")
+    for info in builtin_datasets(glyph_samples):
+        table.add_row(info.name, info.role, str(info.size), str(info.num_classes),
+                      ", ".join(info.example_classes), info.description)
+    Console().print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader chatters at INFO
+    try:
+        app()
+    except UserError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted: run the same command again to continue where it stopped")
+        sys.exit(130)

@@ -1,0 +1,214 @@
+"""Stages 3-4: non-private pretraining on the selected public data, then DP-SGD fine-tuning.
+
+Both loops are resumable: their checkpoint holds model, EMA, optimizer and step, written atomically
+every `checkpoint_every` steps, so a killed stage continues where its last checkpoint left it. The
+finished stage writes `model.safetensors` (the EMA weights), the artifact the next stage reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.data import ImageDataset, to_tensor
+from privimage.diffusion.edm import EDMPrecond, edm_loss
+from privimage.diffusion.ema import EMA
+from privimage.diffusion.unet import UNet
+from privimage.errors import UserError
+from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier, compose_epsilon
+from privimage.privacy.dpsgd import DPSGD, poisson_batches
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.rundir import RunDir
+from privimage.runtime import private_torch_generator
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def build_denoiser(cfg: DictConfig, num_classes: int) -> EDMPrecond:
+    m = cfg.model
+    unet = UNet(
+        resolution=cfg.data.resolution, in_channels=cfg.data.channels, num_classes=num_classes,
+        base_channels=m.base_channels, channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+    )
+    return EDMPrecond(unet, sigma_data=m.sigma_data)
+
+
+def load_denoiser(cfg: DictConfig, num_classes: int, path: Path, device: torch.device) -> EDMPrecond:
+    net = build_denoiser(cfg, num_classes)
+    tensors, _ = load_checkpoint(path)
+    net.load_state_dict(tensors)
+    return net.to(device).eval()
+
+
+def diffusion_loss(cfg: DictConfig, num_classes: int) -> Callable:
+    """Per-sample EDM loss with the configured label dropout; `forward` is the denoiser."""
+    m = cfg.model
+
+    def loss(forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return edm_loss(forward, x, y, num_classes=num_classes, sigma_data=m.sigma_data, label_dropout=m.label_dropout)
+
+    return loss
+
+
+class _Checkpointer:
+    """Saves and restores model + EMA + optimizer + step in one safetensors file."""
+
+    def __init__(self, folder: Path, net: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer):
+        self.path = folder / CHECKPOINT_FILE
+        self.net, self.ema, self.optimizer = net, ema, optimizer
+
+    def restore(self) -> int:
+        if not self.path.exists():
+            return 0
+        tensors, meta = load_checkpoint(self.path)
+        self.net.load_state_dict(_prefixed(tensors, "model."))
+        self.ema.load_state_dict(_prefixed(tensors, "ema."))
+        self.optimizer.load_state_dict(meta["optimizer"] | {"state": _optimizer_state(tensors)})
+        return int(meta["step"])
+
+    def save(self, step: int) -> None:
+        opt = self.optimizer.state_dict()
+        tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        tensors |= {f"opt.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+        save_checkpoint(self.path, tensors, {"step": step, "optimizer": {"param_groups": opt["param_groups"]}})
+
+
+def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in _prefixed(tensors, "opt.").items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return state
+
+
+@contextmanager
+def _scalars(run: RunDir, stage: str) -> Iterator[SummaryWriter]:
+    writer = SummaryWriter(log_dir=str(run.tensorboard / stage))
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
+def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int, device: torch.device) -> None:
+    """Non-private EDM training on public images; `data.labels == num_classes` means unconditional."""
+    p = cfg.pretrain
+    folder = run.pretrain_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    net = build_denoiser(cfg, num_classes).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
+    ema = EMA(net, decay=p.ema)
+    checkpoint = _Checkpointer(folder, net, ema, optimizer)
+    start = checkpoint.restore()
+    images = to_tensor(data.images).to(device)
+    labels = torch.as_tensor(data.labels, device=device)
+    loss_fn = diffusion_loss(cfg, num_classes)
+    generator = torch.Generator().manual_seed(cfg.seed + start)
+    net.train()
+    with _scalars(run, "pretrain") as writer, tqdm(range(start, p.steps), desc="pretrain", initial=start, total=p.steps) as bar:
+        for step in bar:
+            index = torch.randint(len(images), (p.batch_size,), generator=generator).to(device)
+            loss = loss_fn(net, images[index], labels[index]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update(net)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            writer.add_scalar("pretrain/loss", loss.item(), step + 1)
+            if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.steps:
+                checkpoint.save(step + 1)
+    save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+
+
+def finetune_steps(cfg: DictConfig, num_samples: int) -> tuple[float, int]:
+    """(sample rate, steps) of DP-SGD. N is treated as public, as in Opacus and the paper."""
+    f = cfg.finetune
+    sample_rate = min(1.0, f.batch_size / num_samples)
+    steps = math.ceil(f.epochs / sample_rate) if f.epochs is not None else int(f.steps)
+    return sample_rate, steps
+
+
+def plan_finetune(cfg: DictConfig, num_samples: int, fixed: list[Mechanism]) -> Mechanism:
+    """The DP-SGD mechanism whose composition with `fixed` meets the target ε exactly (calibrated σ)."""
+    sample_rate, steps = finetune_steps(cfg, num_samples)
+    sigma = calibrate_noise_multiplier(
+        cfg.privacy.epsilon, cfg.privacy.delta, sample_rate, steps, fixed=fixed, accountant=cfg.privacy.accountant
+    )
+    return Mechanism(stage="finetune", mechanism="subsampled_gaussian", noise_multiplier=sigma,
+                     sample_rate=sample_rate, steps=steps)
+
+
+def finetune(
+    cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, pretrained: Path | None,
+    device: torch.device,
+) -> None:
+    """DP-SGD on the sensitive training split, starting from the pretrained EMA weights."""
+    f = cfg.finetune
+    folder = run.finetune_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    mechanism = ledger.find("finetune")
+    earlier = [m for m in ledger.entries if m.stage != "finetune"]
+    if mechanism is None:
+        mechanism = plan_finetune(cfg, len(sensitive), earlier)
+        ledger.book(mechanism)  # the whole planned spend, before the first noisy step
+    elif (mechanism.sample_rate, mechanism.steps) != finetune_steps(cfg, len(sensitive)):
+        raise UserError(
+            f"the ledger in {run.root} booked fine-tuning with different finetune.batch_size/steps: "
+            "restore them or start a new run with a new --out"
+        )
+
+    torch.manual_seed(cfg.seed)
+    net = build_denoiser(cfg, sensitive.num_classes)
+    if pretrained is not None:
+        tensors, _ = load_checkpoint(pretrained)
+        net.load_state_dict(tensors)
+    net.to(device).train()
+    optimizer = torch.optim.Adam(net.parameters(), lr=f.lr)
+    ema = EMA(net, decay=f.ema)
+    checkpoint = _Checkpointer(folder, net, ema, optimizer)
+    start = checkpoint.restore()
+
+    engine = DPSGD(
+        net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
+        noise_multiplier=mechanism.noise_multiplier, expected_batch_size=mechanism.sample_rate * len(sensitive),
+        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
+        generator=private_torch_generator(device),
+    )
+    images = to_tensor(sensitive.images).to(device)
+    labels = torch.as_tensor(sensitive.labels, device=device)
+    batches = poisson_batches(len(images), mechanism.sample_rate, mechanism.steps - start, private_torch_generator())
+    with _scalars(run, "finetune") as writer, tqdm(desc="finetune (DP-SGD)", initial=start, total=mechanism.steps) as bar:
+        for step, index in enumerate(batches, start=start):
+            index = index.to(device)
+            noisy_loss = engine.step(images[index], labels[index], optimizer)
+            ema.update(net)
+            spent = compose_epsilon(
+                earlier + [dataclasses.replace(mechanism, steps=step + 1)], cfg.privacy.delta, cfg.privacy.accountant
+            )
+            bar.set_postfix(dp_loss=f"{noisy_loss:.4f}", eps=f"{spent:.3f}")
+            bar.update()
+            writer.add_scalar("finetune/dp_loss", noisy_loss, step + 1)
+            writer.add_scalar("finetune/epsilon", spent, step + 1)
+            if (step + 1) % f.checkpoint_every == 0 or step + 1 == mechanism.steps:
+                checkpoint.save(step + 1)
+    save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "finetune", "steps": mechanism.steps})

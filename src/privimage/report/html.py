@@ -1,0 +1,168 @@
+"""Stage 6: `report.html`, one self-contained page (images embedded) about a run.
+
+It shows the config, the privacy ledger and how ε was spent over the run, the selected semantics
+with public examples, the training curves, synthetic samples beside real test examples, and the
+metrics. It is written for the data owner: the real examples come from the held-out test split.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from omegaconf import DictConfig
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from privimage.config import to_yaml
+from privimage.data import ImageDataset
+from privimage.evaluation.stage import load_synthetic
+from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.report.figures import image_grid, png_bytes
+from privimage.report.summary import privacy_by_stage
+from privimage.rundir import RunDir, read_json, write_text
+
+EXAMPLES = 8
+CURVE_POINTS = 40
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:0}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}pre{background:#f7f7f7;padding:1em;overflow:auto;max-height:30em}
+img.pix{image-rendering:pixelated}.note{color:#666;font-size:.9em}
+"""
+
+
+def _img(png: bytes, alt: str, scale: int = 1, css: str = "") -> str:
+    data = base64.b64encode(png).decode()
+    style = f' style="zoom:{scale}"' if scale != 1 else ""
+    return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{style}>'
+
+
+def _figure_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _spending_curve(ledger: dict) -> bytes:
+    """Composed ε after each fraction of DP-SGD, the earlier mechanisms included."""
+    delta, accountant = ledger["target"]["delta"], ledger["accountant"]
+    entries = [Mechanism.from_dict(e) for e in ledger["entries"]]
+    fig = Figure(figsize=(6, 3))
+    ax = fig.subplots()
+    spent_before = []
+    for entry in entries:
+        steps = np.unique(np.linspace(0, entry.steps, min(CURVE_POINTS, entry.steps) + 1).astype(int))
+        eps = [compose_epsilon(spent_before + [dataclasses.replace(entry, steps=int(s))], delta, accountant)
+               if s > 0 else (compose_epsilon(spent_before, delta, accountant) if spent_before else 0.0) for s in steps]
+        ax.plot(steps, eps, marker=".", label=f"{entry.stage} ({entry.mechanism})")
+        spent_before.append(entry)
+    ax.axhline(ledger["target"]["epsilon"], color="red", linestyle="--", label="target ε")
+    ax.set_xlabel("steps of the mechanism")
+    ax.set_ylabel("composed ε")
+    ax.legend(fontsize=8)
+    return _figure_png(fig)
+
+
+def _loss_curves(run: RunDir) -> bytes | None:
+    curves = {}
+    for stage_dir in sorted(run.tensorboard.glob("*")):
+        events = EventAccumulator(str(stage_dir)).Reload()
+        for tag in events.Tags()["scalars"]:
+            if "loss" in tag:
+                curves[tag] = [(s.step, s.value) for s in events.Scalars(tag)]
+    if not curves:
+        return None
+    fig = Figure(figsize=(4 * len(curves), 3))
+    for ax, (tag, points) in zip(np.atleast_1d(fig.subplots(1, len(curves))), curves.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, linewidth=0.8)
+        ax.set_title(tag, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    return _figure_png(fig)
+
+
+def _semantics_section(run: RunDir, public: ImageDataset | None) -> str:
+    if not run.semantics.exists() or public is None:
+        return "<p>No semantic query in this run (method without selection).</p>"
+    semantics = read_json(run.semantics)
+    index = {name: i for i, name in enumerate(public.class_names)}
+    rows = []
+    for sensitive_name, picks in semantics["selected"].items():
+        examples = [public.images[public.labels == index[p]][:4] for p in picks]
+        rows.append(f"<tr><td>{html.escape(sensitive_name)}</td><td>{html.escape(', '.join(picks))}</td>"
+                    f"<td>{_img(png_bytes(image_grid([np.concatenate(examples)])), 'public examples', 2, 'pix')}</td></tr>")
+    diagnostics = "".join(f"<li>{html.escape(k)}: {v:.3f}</li>" for k, v in semantics["diagnostics"].items())
+    return (f"<p>k = {semantics['k']}, query σ = {semantics['query_sigma']}, {semantics['public_images']} public images "
+            f"kept ({100 * semantics['public_fraction']:.1f}% of the public set).</p>"
+            "<table><tr><th>sensitive class</th><th>selected semantics</th><th>public examples</th></tr>"
+            + "".join(rows) + f"</table><p class=note>Diagnostics (evaluation on the test split):</p><ul>{diagnostics}</ul>")
+
+
+def _samples_section(run: RunDir, test: ImageDataset) -> str:
+    synthetic = load_synthetic(run)
+    rows = []
+    for c, name in enumerate(synthetic.class_names):
+        fake = image_grid([synthetic.images[synthetic.labels == c][:EXAMPLES]])
+        real = image_grid([test.images[test.labels == c][:EXAMPLES]])
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{_img(png_bytes(fake), 'synthetic', 2, 'pix')}</td>"
+                    f"<td>{_img(png_bytes(real), 'real', 2, 'pix')}</td></tr>")
+    return "<table><tr><th>class</th><th>synthetic</th><th>real (test split)</th></tr>" + "".join(rows) + "</table>"
+
+
+def _metrics_section(run: RunDir) -> str:
+    if not run.metrics.exists():
+        return "<p>Not evaluated.</p>"
+    metrics = read_json(run.metrics)
+    rows = [[f"accuracy ({name}, trained on synthetic, tested on real)", f"{100 * v:.2f} %"]
+            for name, v in metrics["accuracy"].items()]
+    for key in ("fid", "precision", "recall"):
+        if key in metrics:
+            rows.append([key, f"{metrics[key]:.4g}"])
+    if "fid_samples" in metrics:
+        rows.append(["FID samples (real / synthetic)", f"{metrics['fid_samples']['real']} / {metrics['fid_samples']['synthetic']}"])
+    memo = metrics["memorization"]
+    rows.append([f"synthetic closer to train than {100 * memo['quantile']:.0f}% of test images",
+                 f"{100 * memo['fraction_closer']:.2f} %"])
+    return _table(["metric", "value"], rows)
+
+
+def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test: ImageDataset) -> Path:
+    ledger = read_json(run.ledger)
+    stages, _ = privacy_by_stage(run)
+    ledger_rows = [[e["stage"], e["mechanism"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.4g}", e["steps"],
+                    f"{eps:.3f}"] for e, (_, eps) in zip(ledger["entries"], stages)]
+    curves = _loss_curves(run)
+    sections = [
+        f"<h1>privimage run</h1><p class=note>{html.escape(str(run.root))} · method {html.escape(cfg.method)}</p>",
+        "<h2>Privacy</h2>",
+        f"<p><b>Spent ε = {ledger['spent']['epsilon']:.3f}</b> of the target ε = {ledger['target']['epsilon']:g} at "
+        f"δ = {ledger['target']['delta']:g} ({html.escape(ledger['accountant'])} accountant, all stages composed).</p>",
+        _table(["stage", "mechanism", "noise multiplier", "sample rate", "steps", "ε alone"], ledger_rows),
+        _img(_spending_curve(ledger), "privacy spending curve"),
+        "<h2>Selected semantics</h2>", _semantics_section(run, public),
+        "<h2>Training</h2>",
+        _img(curves, "loss curves") if curves else "<p>No training curves recorded.</p>",
+        "<p class=note>The fine-tuning loss is the DP estimate released with each noisy gradient.</p>",
+        "<h2>Samples</h2>", _samples_section(run, test),
+        "<h2>Metrics</h2>", _metrics_section(run),
+        "<h2>Configuration</h2>", f"<pre>{html.escape(to_yaml(cfg))}</pre>",
+    ]
+    page = (f"<!doctype html><html><head><meta charset=utf-8><title>privimage report</title><style>{_STYLE}</style>"
+            f"</head><body>{''.join(sections)}</body></html>")
+    write_text(run.report, page)
+    return run.report

@@ -1,0 +1,36 @@
+"""The closing summary of `privimage run`: what was spent, by whom, and where the data is."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.rundir import RunDir, read_json
+
+
+def privacy_by_stage(run: RunDir) -> tuple[list[tuple[str, float]], dict]:
+    """(stage, ε of that stage alone) per ledger entry, and the ledger's composed `spent`."""
+    ledger = read_json(run.ledger)
+    delta, accountant = ledger["target"]["delta"], ledger["accountant"]
+    rows = [(e["stage"], compose_epsilon([Mechanism.from_dict(e)], delta, accountant)) for e in ledger["entries"]]
+    return rows, ledger
+
+
+def print_summary(run: RunDir, results: list, console: Console) -> None:
+    rows, ledger = privacy_by_stage(run)
+    table = Table(title="privacy spent", show_footer=True)
+    table.add_column("stage", footer="total (composed)")
+    table.add_column("ε alone", footer=f"{ledger['spent']['epsilon']:.3f} of {ledger['target']['epsilon']:g}")
+    for stage, epsilon in rows:
+        table.add_row(stage, f"{epsilon:.3f}")
+    console.print(table)
+    console.print(f"δ = {ledger['target']['delta']:g}; accountant: {ledger['accountant']}")
+    if run.metrics.exists():
+        metrics = read_json(run.metrics)
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        shown |= {f"accuracy[{k}]": v for k, v in metrics.get("accuracy", {}).items()}
+        console.print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), markup=False)
+    console.print(f"synthetic data: {run.synthetic} (PNG folders in {run.synthetic_images}/)")
+    if run.report.exists():
+        console.print(f"report: {run.report}")

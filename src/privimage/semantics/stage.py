@@ -1,0 +1,134 @@
+"""Stage 1-2: train the semantic query function on public data, query it privately, select semantics."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.config import fingerprint
+from privimage.data import ImageDataset
+from privimage.nets import ResNetGN, predict_logits, train_classifier
+from privimage.privacy.accountant import Mechanism
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.rundir import RunDir, write_json
+from privimage.runtime import private_numpy_rng
+from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
+
+log = logging.getLogger(__name__)
+
+
+def query_mechanism(cfg: DictConfig) -> Mechanism:
+    """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
+    return Mechanism(stage="semantics", mechanism="gaussian", noise_multiplier=float(cfg.semantics.query_sigma))
+
+
+def _build_classifier(cfg: DictConfig, public: ImageDataset) -> ResNetGN:
+    c = cfg.semantics.classifier
+    return ResNetGN(public.channels, public.num_classes, width=c.width, blocks=tuple(c.blocks))
+
+
+def semantic_classifier(
+    cfg: DictConfig, public: ImageDataset, cache_dir: Path, device: torch.device
+) -> tuple[ResNetGN, float]:
+    """The public classifier and its held-out public accuracy, trained once per public set and config.
+
+    It never sees sensitive data, so caching it outside the run directory leaks nothing.
+    """
+    c = cfg.semantics.classifier
+    key = fingerprint(public.fingerprint(), c, cfg.seed)
+    path = cache_dir / f"semantic-classifier-{key}.safetensors"
+    model = _build_classifier(cfg, public)
+    if path.exists():
+        tensors, meta = load_checkpoint(path)
+        model.load_state_dict(tensors)
+        return model.to(device).eval(), float(meta["holdout_accuracy"])
+
+    order = np.random.default_rng(cfg.seed).permutation(len(public))
+    n_holdout = int(round(c.holdout_fraction * len(public)))
+    holdout, train = public.subset(order[:n_holdout]), public.subset(order[n_holdout:])
+    train_classifier(
+        model, train.images, train.labels, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
+        augment=c.augment, balanced=True, seed=cfg.seed, device=str(device), desc="semantic classifier",
+    )
+    logits = predict_logits(model, holdout.images, device=str(device))
+    accuracy = float((logits.argmax(1).cpu().numpy() == holdout.labels).mean()) if n_holdout else float("nan")
+    save_checkpoint(path, model.state_dict(), {"holdout_accuracy": accuracy, "classes": list(public.class_names)})
+    return model.eval(), accuracy
+
+
+def _same_semantic(public_name: str, sensitive_name: str) -> bool:
+    """`glyph:7` and `uci:7` name the same semantic as sensitive class `7`."""
+    return public_name.split(":")[-1] == sensitive_name
+
+
+def run_semantics(
+    cfg: DictConfig,
+    run: RunDir,
+    ledger: PrivacyLedger,
+    sensitive_train: ImageDataset,
+    sensitive_test: ImageDataset,
+    public: ImageDataset,
+    cache_dir: Path,
+    device: torch.device,
+) -> dict:
+    """Train (or reuse) the classifier, run the DP vote query, write `semantics.json`."""
+    s = cfg.semantics
+    per_class = s.per_class or s.k
+    model, holdout_accuracy = semantic_classifier(cfg, public, cache_dir, device)
+
+    votes = top_k_classes(predict_logits(model, sensitive_train.images, device=str(device)), s.k)
+    hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
+    ledger.book(query_mechanism(cfg))  # booked before the noisy result exists, let alone is used
+    noisy = noisy_histogram(hist, s.query_sigma, s.k, private_numpy_rng())
+    del hist
+    picks = select_semantics(noisy, per_class)
+
+    selected = {
+        sensitive_train.class_names[i]: [public.class_names[p] for p in row] for i, row in enumerate(picks)
+    }
+    chosen = np.isin(public.labels, [p for row in picks for p in row])
+    # Evaluation only (the held-out test split, never used to train): how often the classifier's
+    # top-1 public class names the image's own class.
+    test_top1 = predict_logits(model, sensitive_test.images, device=str(device)).argmax(1).cpu().numpy()
+    agreement = np.mean([
+        _same_semantic(public.class_names[p], sensitive_test.class_names[y])
+        for p, y in zip(test_top1, sensitive_test.labels)
+    ])
+    result = {
+        "selected": selected,
+        "noisy_votes": {
+            "public_classes": list(public.class_names),
+            "rows": {name: [round(float(v), 2) for v in row] for name, row in zip(sensitive_train.class_names, noisy)},
+        },
+        "public_fraction": float(chosen.mean()),
+        "public_images": int(chosen.sum()),
+        "k": s.k,
+        "per_class": per_class,
+        "query_sigma": s.query_sigma,
+        "diagnostics": {
+            "classifier_public_holdout_accuracy": holdout_accuracy,
+            "test_split_top1_same_semantic": float(agreement),
+        },
+    }
+    write_json(run.semantics, result)
+    return result
+
+
+def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_names: tuple[str, ...]) -> ImageDataset:
+    """The public images of the selected semantics, relabelled to the sensitive class that chose them."""
+    relabel = np.full(public.num_classes, -1, dtype=np.int64)
+    index = {name: i for i, name in enumerate(public.class_names)}
+    for sensitive_index, name in enumerate(class_names):
+        for public_name in selected[name]:
+            relabel[index[public_name]] = sensitive_index
+    new_labels = relabel[public.labels]
+    keep = np.flatnonzero(new_labels >= 0)
+    return ImageDataset(
+        images=public.images[keep], labels=new_labels[keep], class_names=tuple(class_names),
+        name=f"{public.name}[selected]",
+    )

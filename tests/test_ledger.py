@@ -1,0 +1,102 @@
+"""The privacy ledger: its file format, recomputed spend, refusals and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from privimage import rundir
+from privimage.errors import UserError
+from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.privacy.ledger import PrivacyLedger
+
+QUERY = Mechanism("semantics", "gaussian", 20.0)
+FINETUNE = Mechanism("finetune", "subsampled_gaussian", 2.0, 1.0, 4)
+GREEDY = Mechanism("finetune", "subsampled_gaussian", 0.3, 1.0, 50)
+
+
+def test_new_ledger_is_written_in_the_documented_format(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyLedger.open(path, 10.0, 1e-5)
+    assert json.loads(path.read_text()) == {
+        "target": {"epsilon": 10.0, "delta": 1e-5},
+        "accountant": "rdp",
+        "entries": [],
+        "spent": {"epsilon": 0.0, "delta": 0.0},
+    }
+
+
+def test_round_trip(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    ledger = PrivacyLedger.open(path, 10.0, 1e-5)
+    ledger.book(QUERY)
+    ledger.book(FINETUNE)
+
+    stored = json.loads(path.read_text())  # on disk as soon as book() returns
+    assert stored["entries"] == [QUERY.to_dict(), FINETUNE.to_dict()]
+    assert stored["spent"] == {"epsilon": pytest.approx(compose_epsilon([QUERY, FINETUNE], 1e-5)), "delta": 1e-5}
+
+    reopened = PrivacyLedger.open(path, 10.0, 1e-5)
+    assert reopened.entries == [QUERY, FINETUNE]
+    assert reopened.find("finetune") == FINETUNE
+    assert reopened.find("pretrain") is None
+    assert reopened.spent_epsilon() == pytest.approx(ledger.spent_epsilon())
+
+
+def test_spent_is_recomputed_from_the_entries(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyLedger.open(path, 10.0, 1e-5).book(QUERY)
+    tampered = json.loads(path.read_text())
+    tampered["spent"]["epsilon"] = 0.0
+    path.write_text(json.dumps(tampered))
+
+    ledger = PrivacyLedger.open(path, 10.0, 1e-5)
+    assert ledger.spent_epsilon() == pytest.approx(compose_epsilon([QUERY], 1e-5))
+    assert ledger.spent_epsilon([FINETUNE]) == pytest.approx(compose_epsilon([QUERY, FINETUNE], 1e-5))
+
+
+def test_overspending_is_refused_and_leaves_the_file_unchanged(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    ledger = PrivacyLedger.open(path, 2.0, 1e-5)
+    ledger.book(QUERY)
+    before = path.read_bytes()
+    with pytest.raises(UserError, match="privacy.epsilon"):
+        ledger.book(GREEDY)
+    assert path.read_bytes() == before
+    assert ledger.entries == [QUERY]
+
+
+@pytest.mark.parametrize("epsilon, delta, accountant", [(1.0, 1e-5, "rdp"), (10.0, 1e-6, "rdp"), (10.0, 1e-5, "prv")])
+def test_a_different_target_is_refused(tmp_path, epsilon: float, delta: float, accountant: str) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyLedger.open(path, 10.0, 1e-5)
+    with pytest.raises(UserError, match="use a new --out or the same target"):
+        PrivacyLedger.open(path, epsilon, delta, accountant)
+
+
+def test_a_corrupt_ledger_is_a_user_error(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    path.write_text('{"target": {"epsilon": 10}}')
+    with pytest.raises(UserError, match="not a valid privacy ledger"):
+        PrivacyLedger.open(path, 10.0, 1e-5)
+
+
+def test_a_failed_write_keeps_the_old_file_and_entries(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "privacy.json"
+    ledger = PrivacyLedger.open(path, 10.0, 1e-5)
+    ledger.book(QUERY)
+    before = path.read_bytes()
+
+    def crash(src, dst):  # the process dies between writing the temporary file and renaming it
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(rundir.os, "replace", crash)
+    with pytest.raises(OSError):
+        ledger.book(FINETUNE)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before
+    assert ledger.entries == [QUERY]
+    assert os.listdir(tmp_path) == ["privacy.json"]  # no temporary file left behind
