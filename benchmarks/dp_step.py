@@ -1,6 +1,6 @@
 """Cost of privacy per step: DP-SGD step time / non-private step time, default U-Net, batch 64.
 
-    python benchmarks/dp_step.py [--resolution 28 --channels 1 --base-channels 32 --batch 64 --repeats 7]
+    python benchmarks/dp_step.py [--preset default] [--batch 64 --repeats 7] [key=value ...]
 
 Both steps see the same data and loss with the same noise multiplicity K (the non-private step runs
 the batch K times over and averages); the DP step adds per-sample gradients, clipping and noise.
@@ -17,7 +17,8 @@ from typing import Callable
 
 import torch
 
-from privimage.diffusion import EDMPrecond, UNet, edm_loss
+from privimage.config import load_config
+from privimage.diffusion.train import build_denoiser, diffusion_loss
 from privimage.privacy.dpsgd import DPSGD
 
 
@@ -36,27 +37,25 @@ def median_seconds(steps: dict[str, Callable[[], object]], repeats: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=28)
-    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--preset", default="default")
     parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--base-channels", type=int, default=32)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--multiplicities", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("overrides", nargs="*", help="config key=value, e.g. model.base_channels=32")
     args = parser.parse_args()
+    cfg = load_config(args.preset, overrides=args.overrides)
+    resolution, channels = cfg.data.resolution, cfg.data.channels
 
     torch.manual_seed(0)
-    net = EDMPrecond(UNet(resolution=args.resolution, in_channels=args.channels, num_classes=args.classes,
-                          base_channels=args.base_channels)).train()
+    net = build_denoiser(cfg, args.classes).train()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    x = torch.randn(args.batch, args.channels, args.resolution, args.resolution)
+    x = torch.randn(args.batch, channels, resolution, resolution)
     y = torch.arange(args.batch) % args.classes
-
-    def loss_fn(forward: Callable, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return edm_loss(forward, images, labels, num_classes=args.classes)
+    loss_fn = diffusion_loss(cfg, args.classes)
 
     params = sum(p.numel() for p in net.parameters())
-    print(f"{params:,} parameters, batch {args.batch}, {args.channels}x{args.resolution}x{args.resolution}, "
+    print(f"{params:,} parameters, batch {args.batch}, {channels}x{resolution}x{resolution}, "
           f"{torch.get_num_threads()} threads")
     for k in args.multiplicities:
         def plain_step() -> None:

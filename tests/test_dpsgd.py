@@ -129,16 +129,16 @@ def test_released_loss_is_a_noisy_estimate_with_the_promised_std() -> None:
 
 def test_noise_multiplicity_averages_the_loss_before_clipping() -> None:
     torch.manual_seed(0)
-    k, clip_norm = 3, 0.05
+    k, clip_norm = 2, 0.05
     model = TinyNet()
-    x, y = batch(4)
+    x, y = batch(3)
     draws = torch.randn(k, 3)  # stands in for the loss' K random draws: draw j uses targets draws[j]
 
     def loss_over_draws(forward, xs: Tensor, ys: Tensor) -> Tensor:
         return (forward(xs) - draws[: len(xs)]).square().sum(dim=1)
 
     engine = DPSGD(model, loss_over_draws, clip_norm=clip_norm, noise_multiplier=0.0, expected_batch_size=1.0,
-                   noise_multiplicity=k, max_physical_batch=2 * k)  # micro-batches of 2 samples x K rows
+                   noise_multiplicity=k, max_physical_batch=2 * k)  # micro-batches of 2 + 1 samples, K rows each
     engine.step(x, y, frozen_sgd(model))
     released = [p.grad.clone() for p in model.parameters()]
 
@@ -150,8 +150,10 @@ def test_noise_multiplicity_averages_the_loss_before_clipping() -> None:
         torch.testing.assert_close(r, e, rtol=1e-4, atol=1e-7)
 
     # Clipping each draw and then averaging gives something else, so the check above can fail.
-    per_draw = [per_example_clipped_sum(model, lambda m, xi, yi, j=j: (m(xi) - draws[j]).square().sum(), x, y, clip_norm)
-                for j in range(k)]
+    per_draw = [
+        per_example_clipped_sum(model, lambda m, xi, yi, j=j: (m(xi) - draws[j]).square().sum(), x, y, clip_norm)
+        for j in range(k)
+    ]
     clipped_then_averaged = [sum(parts) / k for parts in zip(*per_draw)]
     assert not all(torch.allclose(r, c, rtol=1e-3) for r, c in zip(released, clipped_then_averaged))
 

@@ -116,6 +116,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(s.k, int) and s.k >= 1, f"semantics.k must be an integer >= 1 (got {s.k})")
     _check(_is_number(s.query_sigma) and s.query_sigma >= 0,
            f"semantics.query_sigma must be >= 0 (got {s.query_sigma})")
+    _check(cfg.method != "privimage" or s.query_sigma > 0,
+           "semantics.query_sigma must be > 0 for method=privimage (the vote query needs noise): e.g. 20")
     _check(s.per_class is None or (isinstance(s.per_class, int) and s.per_class >= 1),
            f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
     f = cfg.finetune

@@ -146,6 +146,9 @@ def calibrate_noise_multiplier(
     The result is tight: the composed ε lies in [0.99 * target, target].
     """
     _check_accountant(accountant)
+    if not (target_epsilon > 0 and 0 < delta < 1):
+        raise UserError(f"the target ε={target_epsilon:g}, δ={delta:g} is not a budget: set privacy.epsilon > 0 "
+                        "and 0 < privacy.delta < 1")
     if not 0 < sample_rate <= 1:
         raise UserError(
             f"the DP-SGD sample rate {sample_rate:g} is not in (0, 1]: "
