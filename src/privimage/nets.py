@@ -19,6 +19,11 @@ from tqdm import tqdm
 from privimage.data import to_tensor
 
 
+# Both heads see the last feature maps averaged over a fixed grid: it keeps coarse positions, which
+# characters need, and makes the head's size independent of the image resolution.
+HEAD_GRID = 4
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(8, channels), channels)
 
@@ -32,8 +37,7 @@ class BasicBlock(nn.Module):
         self.norm1 = _group_norm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.norm2 = _group_norm(out_channels)
-        # Zero-initialised last norm: every block starts as the identity, which trains faster and
-        # more stably at the short schedules used here (Goyal et al. 2017).
+        # Zero-initialised last norm: every block starts as the identity (Goyal et al. 2017).
         nn.init.zeros_(self.norm2.weight)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
@@ -50,9 +54,10 @@ class BasicBlock(nn.Module):
 class ResNetGN(nn.Module):
     """CIFAR-style ResNet: stage i has `blocks[i]` blocks of `width·2^i` channels, stride 2 between stages.
 
-    The head pools globally by max, as ResNet-9 does, not by mean: GroupNorm centres every image's
-    feature maps, so their spatial mean says little, and on 1,000 MNIST digits a mean-pooled head
-    reached 58-69 % where max pooling reached 90 % after the same 160 steps.
+    The head averages the last feature maps over a 4×4 grid instead of globally. GroupNorm centres
+    each image's feature maps, so a global mean says little, and where a stroke is matters for
+    characters. Measured on MNIST after 160 steps: global mean 58-69 %, global max 90 %, grid 92 %;
+    trained on UCI digits and tested on MNIST (the semantic query's job): max 57 %, grid 80 %.
     """
 
     def __init__(
@@ -76,13 +81,13 @@ class ResNetGN(nn.Module):
                 stride = 2 if stage > 0 and block == 0 else 1
                 layers.append(BasicBlock(channels, out_channels, stride))
                 channels = out_channels
+        layers += [nn.AdaptiveAvgPool2d(HEAD_GRID), nn.Flatten()]
         self.features = nn.Sequential(*layers)
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(channels, num_classes)
+        self.head = nn.Linear(channels * HEAD_GRID**2, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.features(x).amax(dim=(2, 3))
-        return self.head(self.dropout(h))
+        return self.head(self.dropout(self.features(x)))
 
 
 class SmallCNN(nn.Module):
@@ -100,12 +105,14 @@ class SmallCNN(nn.Module):
             *conv(width, 2 * width),
             nn.MaxPool2d(2),
             *conv(2 * width, 2 * width),
-            # A fixed 4×4 grid keeps the head's size independent of the image resolution.
-            nn.AdaptiveAvgPool2d(4),
+            nn.AdaptiveAvgPool2d(HEAD_GRID),
             nn.Flatten(),
         )
         self.head = nn.Sequential(
-            nn.Linear(2 * width * 16, 4 * width), nn.ReLU(), nn.Dropout(0.25), nn.Linear(4 * width, num_classes)
+            nn.Linear(2 * width * HEAD_GRID**2, 4 * width),
+            nn.ReLU(),
+            nn.Dropout(0.25),
+            nn.Linear(4 * width, num_classes),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -40,9 +40,10 @@ def semantic_classifier(
     It never sees sensitive data, so caching it outside the run directory leaks nothing.
     """
     c = cfg.semantics.classifier
-    key = fingerprint(public.fingerprint(), c, cfg.seed)
-    path = cache_dir / f"semantic-classifier-{key}.safetensors"
     model = _build_classifier(cfg, public)
+    architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]  # a changed net misses the cache
+    key = fingerprint(public.fingerprint(), c, cfg.seed, architecture)
+    path = cache_dir / f"semantic-classifier-{key}.safetensors"
     if path.exists():
         tensors, meta = load_checkpoint(path)
         model.load_state_dict(tensors)
