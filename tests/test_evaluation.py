@@ -1,5 +1,4 @@
 import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np

@@ -11,7 +11,6 @@ before the run directory is touched, so a bad input never leaves a half-made run
 
 from __future__ import annotations
 
-import logging
 import shutil
 import time
 from dataclasses import dataclass
@@ -35,8 +34,6 @@ from privimage.report.html import write_report
 from privimage.rundir import RunDir, read_json, write_json, write_text
 from privimage.runtime import resolve_device
 from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics
-
-log = logging.getLogger(__name__)
 
 STAGES = ("semantics", "pretrain", "finetune", "sample", "evaluate", "report")
 

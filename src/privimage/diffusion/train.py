@@ -8,7 +8,6 @@ finished stage writes `model.safetensors` (the EMA weights), the artifact the ne
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +29,6 @@ from privimage.privacy.dpsgd import DPSGD, poisson_batches
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import private_torch_generator
-
-log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,6 @@ from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir, write_json
 from privimage.runtime import private_numpy_rng
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
-
-log = logging.getLogger(__name__)
-
 
 def query_mechanism(cfg: DictConfig) -> Mechanism:
     """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
