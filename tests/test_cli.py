@@ -52,3 +52,17 @@ def test_datasets_lists_builtins(tmp_path):
     assert result.returncode == 0, result.stderr
     for name in ("mnist", "public-mix", "glyphs", "animals", "uci-digits"):
         assert name in result.stdout
+
+
+def test_budget_too_small_to_train_is_refused_before_the_run_dir_exists(tmp_path, cache_dir):
+    result = privimage("run", "--preset", "quick", "--out", "r", "privacy.epsilon=0.05", cwd=tmp_path,
+                       env={"PRIVIMAGE_CACHE": str(cache_dir)})
+    assert result.returncode == 2 and "query_sigma" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_changing_the_target_of_a_run_dir_is_refused(tmp_path, cache_dir):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.yaml").write_text("privacy:\n  epsilon: 3.0\n")
+    result = privimage("run", "--preset", "quick", "--out", "r", cwd=tmp_path, env={"PRIVIMAGE_CACHE": str(cache_dir)})
+    assert result.returncode == 2 and "use a new --out" in result.stderr

@@ -95,7 +95,7 @@ class Pipeline:
             return
         saved = OmegaConf.load(self.run.config)
         for key in _FROZEN_KEYS:
-            if fingerprint(saved[key]) != fingerprint(self.cfg[key]):
+            if fingerprint(saved.get(key)) != fingerprint(self.cfg[key]):
                 raise UserError(
                     f"run directory {self.run.root} was made with other '{key}' settings and has spent privacy "
                     "on them: use a new --out for new settings"
