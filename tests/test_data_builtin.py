@@ -8,7 +8,8 @@ import pytest
 
 from privimage.data import builtin, glyphs, load_dataset, load_sensitive
 from privimage.data.builtin import ANIMAL_CLASSES, BUILTIN_NAMES, UCI_CLASSES, builtin_datasets
-from privimage.data.glyphs import GLYPH_CLASSES, drawn_chars, font_paths, render_glyphs, thin
+from privimage.data.glyphs import GLYPH_CLASSES, drawn_chars, font_paths, render_glyphs
+from privimage.data.strokes import thin
 from privimage.errors import UserError
 
 GLYPH_SAMPLES = 2

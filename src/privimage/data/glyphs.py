@@ -1,53 +1,29 @@
 """Printed characters jittered until they pass for handwriting: an offline public set of 62 semantics.
 
-Each glyph (0-9, A-Z, a-z) is rendered once per matplotlib TrueType font that really draws it, thinned to
-its skeleton, and kept as a distance-to-skeleton field. A sample is that field warped (rotation, shear,
-aspect, elastic displacement) and cut at a random half-width, which redraws the character with a round
-pen of that width: thin monoline strokes like MNIST's, whatever the font's weight. MNIST's own size
-normalisation, a mild blur and saturated pen cores finish it. Everything random comes from `seed`.
+Each glyph (0-9, A-Z, a-z) is rendered once per matplotlib TrueType font that really draws it; every
+sample redraws one of those renderings with a jittered pen (strokes.py), so the font's weight and
+serifs give way to MNIST-like monoline strokes. Everything random comes from `seed`.
 """
 
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
-import torch.nn.functional as F
 from matplotlib.ft2font import FT2Font
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 from tqdm import tqdm
 
-from privimage.data.geometry import fit_to_box, mnist_normalise
+from privimage.data.geometry import fit_to_box
+from privimage.data.strokes import MASTER_BOX, Jitter, centre_on_master, draw, pen_fields
 
 GLYPH_CHARS = string.digits + string.ascii_uppercase + string.ascii_lowercase
 GLYPH_CLASSES = tuple(f"glyph:{char}" for char in GLYPH_CHARS)
 
 _DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 _RENDER_SIZE = 100  # font size of the first rendering, then fitted to the master box
-_MASTER_CANVAS = 72  # side of the master fields; the margin leaves room for the warp
-_MASTER_BOX = 40  # longer side of a master glyph; 2 master px = 1 px at 28 (glyph box 20)
-_MASTER_PX = _MASTER_BOX / 20
-_ELASTIC_GRID_STEP = 4  # master px between the random displacement vectors before smoothing
-# (row, column) offsets of the neighbours P2 .. P9 of Zhang & Suen (1984): clockwise from north.
-_NEIGHBOUR_OFFSETS = ((-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1))
-
-
-@dataclass(frozen=True)
-class Jitter:
-    """Ranges of the random distortions; lengths are in pixels of a 28x28 image (ink box 20 px)."""
-
-    stroke_width: tuple[float, float] = (1.8, 3.5)  # MNIST pen strokes are ~2-3 px wide
-    rotation_deg: float = 12.0
-    shear: float = 0.3
-    aspect: float = 1.25  # horizontal stretch or squeeze up to this factor
-    elastic_px: float = 1.0  # largest RMS displacement
-    elastic_smoothness_px: float = 2.5  # Gaussian sigma of the displacement field
-    blur_px: float = 0.45  # Gaussian sigma of the strongest blur
 
 
 def font_paths() -> list[Path]:
@@ -79,52 +55,10 @@ def _render_master(font: ImageFont.FreeTypeFont, char: str) -> np.ndarray | None
         return None
     image = Image.new("L", (right - left + 2, bottom - top + 2))
     ImageDraw.Draw(image).text((1 - left, 1 - top), char, fill=255, font=font)
-    fitted = fit_to_box(np.asarray(image), _MASTER_BOX)
+    fitted = fit_to_box(np.asarray(image), MASTER_BOX)
     if fitted is None:
         return None  # fonts such as DejaVuSansDisplay render nothing
-    ink = fitted > 127
-    canvas = np.zeros((_MASTER_BOX + 2, _MASTER_BOX + 2), bool)
-    row, col = (len(canvas) - ink.shape[0]) // 2, (len(canvas) - ink.shape[1]) // 2
-    canvas[row : row + ink.shape[0], col : col + ink.shape[1]] = ink
-    return canvas
-
-
-def _zhang_suen_tables() -> tuple[np.ndarray, np.ndarray]:
-    """For each 8-bit neighbourhood code, whether the centre pixel may go in pass 1 and in pass 2."""
-    # Bit k is neighbour P(k+2), as in _NEIGHBOUR_OFFSETS.
-    bits = ((np.arange(256)[:, None] >> np.arange(8)) & 1).astype(bool)
-    count = bits.sum(axis=1)
-    transitions = (~bits & np.roll(bits, -1, axis=1)).sum(axis=1)
-    north, east, south, west = bits[:, 0], bits[:, 2], bits[:, 4], bits[:, 6]
-    simple = (count >= 2) & (count <= 6) & (transitions == 1)
-    first = simple & ~(north & east & south) & ~(east & south & west)
-    second = simple & ~(north & east & west) & ~(north & south & west)
-    return first, second
-
-
-def _neighbour_codes(ink: np.ndarray) -> np.ndarray:
-    """8-bit code of each pixel's neighbourhood, bit k set when neighbour P(k+2) is ink."""
-    padded = np.pad(ink, ((0, 0), (1, 1), (1, 1))).view(np.uint8)
-    _, height, width = ink.shape
-    codes = np.zeros(ink.shape, np.uint8)
-    for bit, (dy, dx) in enumerate(_NEIGHBOUR_OFFSETS):
-        codes |= padded[:, 1 + dy : 1 + dy + height, 1 + dx : 1 + dx + width] << bit
-    return codes
-
-
-def thin(ink: np.ndarray) -> np.ndarray:
-    """Zhang-Suen thinning of a batch (B×H×W bool) of binary images down to one-pixel skeletons."""
-    tables = _zhang_suen_tables()
-    skeleton = ink.copy()
-    changed = True
-    while changed:
-        changed = False
-        for removable in tables:
-            remove = skeleton & removable[_neighbour_codes(skeleton)]
-            if remove.any():
-                skeleton &= ~remove
-                changed = True
-    return skeleton
+    return centre_on_master(fitted > 127)
 
 
 def build_masters() -> tuple[np.ndarray, list[np.ndarray]]:
@@ -140,55 +74,7 @@ def build_masters() -> tuple[np.ndarray, list[np.ndarray]]:
             if ink is not None:
                 owners[glyph].append(len(inks))
                 inks.append(ink)
-    margin = (_MASTER_CANVAS - _MASTER_BOX - 2) // 2  # room for the warp, added after the (costly) thinning
-    skeletons = np.pad(thin(np.stack(inks)), ((0, 0), (margin, margin), (margin, margin)))
-    fields = np.stack([ndimage.distance_transform_edt(~skeleton) for skeleton in skeletons])
-    return fields.astype(np.float32), [np.asarray(indices) for indices in owners]
-
-
-def _matrices(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """Batch of 2x2 matrices [[a, b], [c, d]] from four vectors."""
-    return np.stack([a, b, c, d], axis=-1).reshape(-1, 2, 2)
-
-
-def _sampling_grid(rng: np.random.Generator, count: int, jitter: Jitter) -> np.ndarray:
-    """Random affine + elastic sampling grids (count×S×S×2 float32, grid_sample's normalised coordinates)."""
-    angle = np.deg2rad(rng.uniform(-jitter.rotation_deg, jitter.rotation_deg, count))
-    shear = rng.uniform(-jitter.shear, jitter.shear, count)
-    stretch = np.sqrt(np.exp(rng.uniform(-np.log(jitter.aspect), np.log(jitter.aspect), count)))
-    cos, sin, zero, one = np.cos(angle), np.sin(angle), np.zeros(count), np.ones(count)
-    rotate = _matrices(cos, -sin, sin, cos)
-    slant = _matrices(one, shear, zero, one)
-    scale = _matrices(stretch, zero, zero, 1 / stretch)
-    # grid_sample maps output to input coordinates, so it needs the inverse of the glyph's transform.
-    inverse = np.linalg.inv(rotate @ slant @ scale).astype(np.float32)
-    # Normalised (x, y) pixel centres, as grid_sample reads them with align_corners=False.
-    centres = ((2 * np.arange(_MASTER_CANVAS) + 1) / _MASTER_CANVAS - 1).astype(np.float32)
-    x, y = centres[None, :], centres[:, None]
-    (a, b), (c, d) = np.moveaxis(inverse, 0, -1)[..., None, None]
-    grid = np.stack([a * x + b * y, c * x + d * y], axis=-1)
-
-    coarse = _MASTER_CANVAS // _ELASTIC_GRID_STEP
-    sigma = jitter.elastic_smoothness_px * _MASTER_PX / _ELASTIC_GRID_STEP
-    noise = ndimage.gaussian_filter(rng.standard_normal((count, 2, coarse, coarse)), (0, 0, sigma, sigma))
-    size = (_MASTER_CANVAS, _MASTER_CANVAS)
-    field = F.interpolate(torch.from_numpy(noise).float(), size, mode="bilinear", align_corners=True).numpy()
-    rms = np.sqrt(np.square(field).mean(axis=(1, 2, 3), keepdims=True))
-    amplitude = rng.uniform(0, jitter.elastic_px, (count, 1, 1, 1)) * _MASTER_PX * 2 / _MASTER_CANVAS
-    return grid + (field * (amplitude / rms).astype(np.float32)).transpose(0, 2, 3, 1)
-
-
-def _random_blur(rng: np.random.Generator, images: np.ndarray, sigma: float) -> np.ndarray:
-    """Blend each image towards one fixed Gaussian blur with a random weight: a blur of random strength
-    for the whole batch in one filter call."""
-    blurred = ndimage.gaussian_filter(images, (0, sigma, sigma))
-    return images + rng.uniform(0, 1, (len(images), 1, 1)) * (blurred - images)
-
-
-def _saturate(images: np.ndarray) -> np.ndarray:
-    """Scale each image so that its brightest pixel is 255, as the pen cores of MNIST digits are."""
-    peak = images.max(axis=(1, 2), keepdims=True)
-    return (images * (255 / np.maximum(peak, 1))).round().astype(np.uint8)
+    return pen_fields(np.stack(inks)), [np.asarray(indices) for indices in owners]
 
 
 def render_glyphs(
@@ -200,16 +86,9 @@ def render_glyphs(
     Each glyph draws from its own generator seeded by (seed, glyph): its images depend on nothing else.
     """
     fields, owners = build_masters()
-    blur_sigma = jitter.blur_px * resolution / 28
     images, labels = [], []
     for glyph in tqdm(range(len(GLYPH_CHARS)), desc="rendering glyphs", unit="glyph", leave=False):
         rng = np.random.default_rng([seed, glyph])
-        chosen = torch.from_numpy(fields[rng.choice(owners[glyph], samples_per_glyph)]).unsqueeze(1)
-        grid = torch.from_numpy(_sampling_grid(rng, samples_per_glyph, jitter))
-        distance = F.grid_sample(chosen, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        half_width = rng.uniform(*jitter.stroke_width, (samples_per_glyph, 1, 1)) * _MASTER_PX / 2
-        ink = np.clip(half_width.astype(np.float32) - distance[:, 0].numpy() + 0.5, 0, 1)
-        shapes = np.stack([mnist_normalise(sample * 255, resolution) for sample in ink])
-        images.append(_saturate(_random_blur(rng, shapes.astype(np.float32), blur_sigma)))
+        images.append(draw(fields[rng.choice(owners[glyph], samples_per_glyph)], rng, resolution, jitter))
         labels.append(np.full(samples_per_glyph, glyph, np.int64))
     return np.concatenate(images), np.concatenate(labels), GLYPH_CLASSES
