@@ -103,6 +103,7 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(p.epsilon) and p.epsilon > 0, f"privacy.epsilon must be a number > 0 (got {p.epsilon})")
     _check(_is_number(p.delta) and 0 < p.delta < 1, f"privacy.delta must be in (0, 1), e.g. 1e-5 (got {p.delta})")
     _check(p.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv (got {p.accountant})")
+    _check(isinstance(p.secure_rng, bool), f"privacy.secure_rng must be true or false (got {p.secure_rng})")
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
     _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
     if cfg.method != "dpdm":
@@ -120,6 +121,8 @@ def validate(cfg: DictConfig) -> None:
            "semantics.query_sigma must be > 0 for method=privimage (the vote query needs noise): e.g. 20")
     _check(s.per_class is None or (isinstance(s.per_class, int) and s.per_class >= 1),
            f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
+    _check(s.classifier.arch in ("cnn", "resnet"),
+           f"semantics.classifier.arch must be cnn or resnet (got {s.classifier.arch})")
     f = cfg.finetune
     _check(_is_number(f.clip_norm) and f.clip_norm > 0, f"finetune.clip_norm must be > 0 (got {f.clip_norm})")
     _check(isinstance(f.noise_multiplicity, int) and f.noise_multiplicity >= 1,
@@ -134,6 +137,11 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+    a = cfg.audit
+    for key in ("canaries", "guesses", "sensitive_images", "steps", "batch_size", "score_draws"):
+        _check(isinstance(a[key], int) and a[key] >= (0 if key == "sensitive_images" else 1),
+               f"audit.{key} must be a positive integer (got {a[key]})")
+    _check(_is_number(a.beta) and 0 < a.beta < 1, f"audit.beta must be in (0, 1) (got {a.beta})")
 
 
 def fingerprint(*parts: Any) -> str:

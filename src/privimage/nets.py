@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from privimage import distributed
 from privimage.data import to_tensor
 
 
@@ -195,28 +197,36 @@ def train_classifier(
     seed: int = 0,
     device: str = "cpu",
     desc: str | None = None,
+    data_parallel: bool = False,
 ) -> nn.Module:
     """Train `model` with cross-entropy, AdamW and a one-cycle schedule; return it in eval mode.
 
     Images stay uint8 and are converted per batch, so large public sets never exist as float32.
     `augment` is the strength given to `augment()`; `balanced` samples every class equally often,
-    which keeps big public classes from absorbing the votes of a semantic query.
+    which keeps big public classes from absorbing the votes of a semantic query. With `data_parallel`
+    (under torchrun; every rank must call) the model trains as DDP, each rank on its share of every batch.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # the same on every rank: one global batch order
+    rank = distributed.rank() if data_parallel else 0
+    distortions = torch.Generator().manual_seed(seed + 1 + rank)  # each rank its own
     label_tensor = torch.as_tensor(labels, dtype=torch.long)
     steps_per_epoch = math.ceil(len(labels) / batch_size)
     model.to(device).train()
+    trained = DistributedDataParallel(model) if data_parallel else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
     )
-    with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=desc is None, leave=False) as progress:
+    quiet = desc is None or (data_parallel and not distributed.is_main())
+    with tqdm(total=epochs * steps_per_epoch, desc=desc, disable=quiet, leave=False) as progress:
         for _ in range(epochs):
             order = _epoch_indices(label_tensor, balanced, generator)
             for batch in order.split(batch_size):
+                if data_parallel:
+                    batch = distributed.shard(batch)  # each rank its share, DDP averages the gradients
                 x = to_tensor(images[batch.numpy()]).to(device)
-                x = _distort(x, generator, augment)
-                loss = F.cross_entropy(model(x), label_tensor[batch].to(device))
+                x = _distort(x, distortions, augment)
+                loss = F.cross_entropy(trained(x), label_tensor[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -47,6 +47,9 @@ class Mechanism:
     noise_multiplier: float  # noise std / L2 sensitivity
     sample_rate: float = 1.0
     steps: int = 1
+    # Which release the booking pays for (the stage's config fingerprint): a stage killed after booking
+    # finds its booking when rerun and does not pay twice. The accountant ignores it.
+    release: str = ""
 
     def __post_init__(self) -> None:
         if self.mechanism not in MECHANISMS:
@@ -71,6 +74,7 @@ class Mechanism:
             noise_multiplier=float(d["noise_multiplier"]),
             sample_rate=float(d["sample_rate"]),
             steps=int(d["steps"]),
+            release=str(d.get("release", "")),
         )
 
 

@@ -7,7 +7,7 @@ file is for people reading it.
 
 Format:
     {"target": {"epsilon", "delta"}, "accountant",
-     "entries": [{"stage", "mechanism", "noise_multiplier", "sample_rate", "steps"}, ...],
+     "entries": [{"stage", "mechanism", "noise_multiplier", "sample_rate", "steps", "release"}, ...],
      "spent": {"epsilon", "delta"}}
 """
 
@@ -66,13 +66,18 @@ class PrivacyLedger:
             )
         return cls(path, stored_epsilon, stored_delta, stored_accountant, entries)
 
+    def reread(self) -> PrivacyLedger:
+        """The ledger as it is on disk now (under torchrun, rank 0 books and the other ranks reread)."""
+        return PrivacyLedger.open(self.path, self.target_epsilon, self.target_delta, self.accountant)
+
     def spent_epsilon(self, extra: Sequence[Mechanism] = ()) -> float:
         """Composed ε of the booked entries, plus `extra` ones (to ask "what if")."""
         return compose_epsilon([*self.entries, *extra], self.target_delta, self.accountant)
 
-    def find(self, stage: str) -> Mechanism | None:
-        """The latest entry booked by `stage`, or None."""
-        return next((m for m in reversed(self.entries) if m.stage == stage), None)
+    def find(self, stage: str, release: str | None = None) -> Mechanism | None:
+        """The latest entry booked by `stage` (for `release`, if given), or None."""
+        return next((m for m in reversed(self.entries)
+                     if m.stage == stage and (release is None or m.release == release)), None)
 
     def book(self, mechanism: Mechanism) -> None:
         """Record `mechanism` on disk, or refuse (leaving the ledger as it was) if it breaks the target."""

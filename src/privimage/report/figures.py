@@ -1,10 +1,11 @@
-"""Image grids and PNG encoding shared by the sample stage and the report."""
+"""Image grids, plots and PNG encoding shared by the sample stage, the report and the benchmark."""
 
 from __future__ import annotations
 
 import io
 
 import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 
@@ -23,4 +24,11 @@ def image_grid(rows: list[np.ndarray], pad: int = 2) -> Image.Image:
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def figure_png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()

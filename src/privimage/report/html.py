@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from privimage.config import to_yaml
 from privimage.data import ImageDataset
 from privimage.evaluation.stage import load_synthetic
 from privimage.privacy.accountant import Mechanism, compose_epsilon
-from privimage.report.figures import image_grid, png_bytes
+from privimage.report.figures import figure_png, image_grid, png_bytes
 from privimage.report.summary import privacy_by_stage
 from privimage.rundir import RunDir, read_json, write_text
 
@@ -44,11 +43,11 @@ def _img(png: bytes, alt: str, scale: int = 1, css: str = "") -> str:
     return f'<img class="{css}" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"{style}>'
 
 
-def _figure_png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+def _plain(value: object) -> str:
+    """A number to 3 decimals, a dict as `key value, ...` with its numbers so."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items())
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _table(header: list[str], rows: list[list[object]]) -> str:
@@ -74,7 +73,7 @@ def _spending_curve(ledger: dict) -> bytes:
     ax.set_xlabel("steps of the mechanism")
     ax.set_ylabel("composed ε")
     ax.legend(fontsize=8)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _loss_curves(run: RunDir) -> bytes | None:
@@ -93,7 +92,7 @@ def _loss_curves(run: RunDir) -> bytes | None:
         ax.set_title(tag, fontsize=9)
         ax.set_xlabel("step")
         ax.set_yscale("log")
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _semantics_section(run: RunDir, public: ImageDataset | None) -> str:
@@ -106,7 +105,7 @@ def _semantics_section(run: RunDir, public: ImageDataset | None) -> str:
         examples = [public.images[public.labels == index[p]][:4] for p in picks]
         rows.append(f"<tr><td>{html.escape(sensitive_name)}</td><td>{html.escape(', '.join(picks))}</td>"
                     f"<td>{_img(png_bytes(image_grid([np.concatenate(examples)])), 'public examples', 2, 'pix')}</td></tr>")
-    diagnostics = "".join(f"<li>{html.escape(k)}: {v:.3f}</li>" for k, v in semantics["diagnostics"].items())
+    diagnostics = "".join(f"<li>{html.escape(k)}: {html.escape(_plain(v))}</li>" for k, v in semantics["diagnostics"].items())
     return (f"<p>k = {semantics['k']}, query σ = {semantics['query_sigma']}, {semantics['public_images']} public images "
             f"kept ({100 * semantics['public_fraction']:.1f}% of the public set).</p>"
             "<table><tr><th>sensitive class</th><th>selected semantics</th><th>public examples</th></tr>"

@@ -7,40 +7,46 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
+from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset
-from privimage.nets import ResNetGN, predict_logits, train_classifier
+from privimage.nets import ResNetGN, SmallCNN, predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
-from privimage.rundir import RunDir, write_json
-from privimage.runtime import private_numpy_rng
+from privimage.rundir import RunDir, read_json, write_json
+from privimage.runtime import query_noise_rng
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
 
-def query_mechanism(cfg: DictConfig) -> Mechanism:
+def query_mechanism(cfg: DictConfig, release: str = "") -> Mechanism:
     """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
-    return Mechanism(stage="semantics", mechanism="gaussian", noise_multiplier=float(cfg.semantics.query_sigma))
+    return Mechanism(stage="semantics", mechanism="gaussian", noise_multiplier=float(cfg.semantics.query_sigma),
+                     release=release)
 
 
-def _build_classifier(cfg: DictConfig, public: ImageDataset) -> ResNetGN:
+def _build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
     c = cfg.semantics.classifier
-    return ResNetGN(public.channels, public.num_classes, width=c.width, blocks=tuple(c.blocks))
+    if c.arch == "resnet":
+        return ResNetGN(public.channels, public.num_classes, width=c.width, blocks=tuple(c.blocks))
+    return SmallCNN(public.channels, public.num_classes, width=c.width)
 
 
 def semantic_classifier(
     cfg: DictConfig, public: ImageDataset, cache_dir: Path, device: torch.device
-) -> tuple[ResNetGN, float]:
+) -> tuple[nn.Module, float]:
     """The public classifier and its held-out public accuracy, trained once per public set and config.
 
     It never sees sensitive data, so caching it outside the run directory leaks nothing.
     """
     c = cfg.semantics.classifier
+    torch.manual_seed(cfg.seed)
     model = _build_classifier(cfg, public)
     architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]  # a changed net misses the cache
     key = fingerprint(public.fingerprint(), c, cfg.seed, architecture)
     path = cache_dir / f"semantic-classifier-{key}.safetensors"
-    if path.exists():
+    if distributed.broadcast(path.exists()):
         tensors, meta = load_checkpoint(path)
         model.load_state_dict(tensors)
         return model.to(device).eval(), float(meta["holdout_accuracy"])
@@ -51,16 +57,30 @@ def semantic_classifier(
     train_classifier(
         model, train.images, train.labels, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
         augment=c.augment, balanced=True, seed=cfg.seed, device=str(device), desc="semantic classifier",
+        data_parallel=distributed.is_distributed(),
     )
     logits = predict_logits(model, holdout.images, device=str(device))
     accuracy = float((logits.argmax(1).cpu().numpy() == holdout.labels).mean()) if n_holdout else float("nan")
-    save_checkpoint(path, model.state_dict(), {"holdout_accuracy": accuracy, "classes": list(public.class_names)})
+    if distributed.is_main():
+        save_checkpoint(path, model.state_dict(), {"holdout_accuracy": accuracy, "classes": list(public.class_names)})
     return model.eval(), accuracy
 
 
 def _same_semantic(public_name: str, sensitive_name: str) -> bool:
     """`glyph:7` and `uci:7` name the same semantic as sensitive class `7`."""
     return public_name.split(":")[-1] == sensitive_name
+
+
+def _selection_diagnostics(selected: dict[str, list[str]]) -> dict:
+    """How the selection reads: classes whose picks name their own class (`glyph:7` for `7`), and the
+    share of picks by public source (the prefix of `source:name`). Post-processing of the noisy picks."""
+    picks = [name for names in selected.values() for name in names]
+    sources = [name.split(":")[0] if ":" in name else "" for name in picks]
+    return {
+        "classes_with_own_semantic_first": sum(_same_semantic(names[0], c) for c, names in selected.items()),
+        "classes_with_own_semantic": sum(any(_same_semantic(n, c) for n in names) for c, names in selected.items()),
+        "picks_by_source": {source: sources.count(source) / len(picks) for source in sorted(set(sources))},
+    }
 
 
 def run_semantics(
@@ -72,16 +92,28 @@ def run_semantics(
     public: ImageDataset,
     cache_dir: Path,
     device: torch.device,
-) -> dict:
-    """Train (or reuse) the classifier, run the DP vote query, write `semantics.json`."""
+    release: str,
+) -> dict | None:
+    """Train (or reuse) the classifier, run the DP vote query, write `semantics.json`.
+
+    `release` names this query (the stage's fingerprint). It is booked once: rerun after a kill, the
+    stage reuses a `semantics.json` already written for it, or else queries again under the same
+    booking, since the lost noisy result never left the process.
+    """
     s = cfg.semantics
     per_class = s.per_class or s.k
-    model, holdout_accuracy = semantic_classifier(cfg, public, cache_dir, device)
+    model, holdout_accuracy = semantic_classifier(cfg, public, cache_dir, device)  # DDP under torchrun
+    if not distributed.is_main():
+        return None  # the query itself is cheap: rank 0 alone runs and books it
 
+    booked = ledger.find("semantics", release) is not None
+    if booked and run.semantics.exists() and read_json(run.semantics).get("release") == release:
+        return read_json(run.semantics)  # released before the kill: the same result, never a second one
     votes = top_k_classes(predict_logits(model, sensitive_train.images, device=str(device)), s.k)
     hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
-    ledger.book(query_mechanism(cfg))  # booked before the noisy result exists, let alone is used
-    noisy = noisy_histogram(hist, s.query_sigma, s.k, private_numpy_rng())
+    if not booked:
+        ledger.book(query_mechanism(cfg, release))  # booked before the noisy result exists, let alone is used
+    noisy = noisy_histogram(hist, s.query_sigma, s.k, query_noise_rng(cfg.privacy.secure_rng))
     del hist
     picks = select_semantics(noisy, per_class)
 
@@ -107,9 +139,11 @@ def run_semantics(
         "k": s.k,
         "per_class": per_class,
         "query_sigma": s.query_sigma,
+        "release": release,
         "diagnostics": {
             "classifier_public_holdout_accuracy": holdout_accuracy,
             "test_split_top1_same_semantic": float(agreement),
+            **_selection_diagnostics(selected),
         },
     }
     write_json(run.semantics, result)
