@@ -169,9 +169,10 @@ def load_sensitive(
     return data.subset(order[test_size:]), data.subset(order[:test_size])
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 N×H×W×C -> float32 N×C×H×W in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N×H×W×C (array, or tensor on any device) -> float32 N×C×H×W in [-1, 1], on that device."""
+    pixels = torch.from_numpy(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
+    return pixels.permute(0, 3, 1, 2).float().contiguous() / 127.5 - 1
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
+from privimage import distributed
 from privimage.data import ImageDataset, to_uint8
 from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
@@ -27,19 +28,26 @@ GRID_COLUMNS = 10
 def generate(
     net: torch.nn.Module, class_names: tuple[str, ...], n: int, cfg: DictConfig, device: torch.device
 ) -> ImageDataset:
+    """`n` images, labels cycling through the classes; under torchrun each rank samples its share."""
     s = cfg.sample
     num_classes = len(class_names)
     labels = torch.arange(n) % num_classes
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    mine = distributed.shard(torch.arange(n))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * distributed.rank())
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     chunks = []
-    for start in tqdm(range(0, n, s.batch_size), desc="sample", unit="batch"):
-        batch = labels[start:start + s.batch_size].to(device)
-        x = edm_sample(net, batch, shape=(len(batch), *shape), num_classes=num_classes, steps=s.steps,
-                       guidance=s.guidance, solver=s.solver, generator=generator)
+    for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
+        batch = labels[mine[start:start + s.batch_size]].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            x = edm_sample(net, batch, shape=(len(batch), *shape), num_classes=num_classes, steps=s.steps,
+                           guidance=s.guidance, solver=s.solver, generator=generator)
         chunks.append(to_uint8(x.cpu()))
-    return ImageDataset(images=np.concatenate(chunks), labels=labels.numpy().astype(np.int64),
-                        class_names=class_names, name="synthetic")
+    images = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
+    pieces = distributed.gather((mine.numpy(), images))
+    order = np.concatenate([indices for indices, _ in pieces])
+    everything = np.concatenate([part for _, part in pieces])[np.argsort(order)]
+    return ImageDataset(images=everything, labels=labels.numpy().astype(np.int64), class_names=class_names,
+                        name="synthetic")
 
 
 def write_synthetic(run: RunDir, data: ImageDataset) -> None:

@@ -15,9 +15,11 @@ from typing import Callable, Iterator
 
 import torch
 from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
@@ -28,7 +30,7 @@ from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier, 
 from privimage.privacy.dpsgd import DPSGD, poisson_batches
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
-from privimage.runtime import private_torch_generator
+from privimage.runtime import noise_generator, private_torch_generator
 
 MODEL_FILE = "model.safetensors"
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -78,6 +80,12 @@ class _Checkpointer:
         return int(meta["step"])
 
     def save(self, step: int) -> None:
+        """Rank 0 writes (every rank holds the same weights); the others wait until it has."""
+        if distributed.is_main():
+            self._write(step)
+        distributed.barrier()
+
+    def _write(self, step: int) -> None:
         opt = self.optimizer.state_dict()
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
@@ -98,7 +106,11 @@ def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, to
 
 
 @contextmanager
-def _scalars(run: RunDir, stage: str) -> Iterator[SummaryWriter]:
+def _scalars(run: RunDir, stage: str) -> Iterator[SummaryWriter | None]:
+    """TensorBoard scalars of one stage; None on every rank but rank 0, which alone writes."""
+    if not distributed.is_main():
+        yield None
+        return
     writer = SummaryWriter(log_dir=str(run.tensorboard / stage))
     try:
         yield writer
@@ -106,35 +118,51 @@ def _scalars(run: RunDir, stage: str) -> Iterator[SummaryWriter]:
         writer.close()
 
 
+def _progress(iterable, desc: str, initial: int, total: int) -> tqdm:
+    return tqdm(iterable, desc=desc, initial=initial, total=total, disable=not distributed.is_main())
+
+
 def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int, device: torch.device) -> None:
-    """Non-private EDM training on public images; `data.labels == num_classes` means unconditional."""
+    """Non-private EDM training on public images; `data.labels == num_classes` means unconditional.
+
+    Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
+    On CUDA the forward pass runs under bf16 autocast (weights, optimizer and EMA stay float32); DP
+    fine-tuning stays in float32, where per-sample norms decide the clipping.
+    """
     p = cfg.pretrain
     folder = run.pretrain_dir
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     net = build_denoiser(cfg, num_classes).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
     ema = EMA(net, decay=p.ema)
     checkpoint = _Checkpointer(folder, net, ema, optimizer)
     start = checkpoint.restore()
-    images = to_tensor(data.images).to(device)
+    trained = DistributedDataParallel(net) if distributed.is_distributed() else net
+    images = torch.as_tensor(data.images, device=device)  # uint8: a large public set stays small
     labels = torch.as_tensor(data.labels, device=device)
+    per_rank = math.ceil(p.batch_size / distributed.world_size())
     loss_fn = diffusion_loss(cfg, num_classes)
-    generator = torch.Generator().manual_seed(cfg.seed + start)
+    rank_seed = cfg.seed + 1_000_003 * distributed.rank()
+    generator = torch.Generator().manual_seed(rank_seed + start)
+    torch.manual_seed(rank_seed + start)  # diffusion noise: each rank and each resumed segment its own
     net.train()
-    with _scalars(run, "pretrain") as writer, tqdm(range(start, p.steps), desc="pretrain", initial=start, total=p.steps) as bar:
+    with _scalars(run, "pretrain") as writer, _progress(range(start, p.steps), "pretrain", start, p.steps) as bar:
         for step in bar:
-            index = torch.randint(len(images), (p.batch_size,), generator=generator).to(device)
-            loss = loss_fn(net, images[index], labels[index]).mean()
+            index = torch.randint(len(images), (per_rank,), generator=generator).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(trained, to_tensor(images[index]), labels[index]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             ema.update(net)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            writer.add_scalar("pretrain/loss", loss.item(), step + 1)
+            if writer is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                writer.add_scalar("pretrain/loss", loss.item(), step + 1)
             if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.steps:
                 checkpoint.save(step + 1)
-    save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+    if distributed.is_main():
+        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+    distributed.barrier()
 
 
 def finetune_steps(cfg: DictConfig, num_samples: int) -> tuple[float, int]:
@@ -157,21 +185,30 @@ def plan_finetune(cfg: DictConfig, num_samples: int, fixed: list[Mechanism]) -> 
 
 def finetune(
     cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, pretrained: Path | None,
-    device: torch.device,
+    device: torch.device, *, release: str = "", dp_noise: bool = True,
 ) -> None:
-    """DP-SGD on the sensitive training split, starting from the pretrained EMA weights."""
+    """DP-SGD on the sensitive training split, starting from the pretrained EMA weights.
+
+    Under torchrun each rank Poisson-samples its own shard of the data (together: one Poisson sample
+    of the whole set), the clipped sums are all-reduced and rank 0 adds the noise, once.
+    `dp_noise=False` is for `privimage audit --without-dp-noise` only: it voids the guarantee the ledger
+    states, to show that the audit can tell.
+    """
     f = cfg.finetune
     folder = run.finetune_dir
-    folder.mkdir(parents=True, exist_ok=True)
+    ledger = ledger.reread()  # under torchrun only rank 0 booked the earlier stages
     mechanism = ledger.find("finetune")
     earlier = [m for m in ledger.entries if m.stage != "finetune"]
     if mechanism is None:
-        mechanism = plan_finetune(cfg, len(sensitive), earlier)
-        ledger.book(mechanism)  # the whole planned spend, before the first noisy step
-    elif (mechanism.sample_rate, mechanism.steps) != finetune_steps(cfg, len(sensitive)):
+        # Deterministic, so the same on every rank; `release` lets a killed run find its booking.
+        mechanism = dataclasses.replace(plan_finetune(cfg, len(sensitive), earlier), release=release)
+        if distributed.is_main():
+            ledger.book(mechanism)  # the whole planned spend, before the first noisy step
+        distributed.barrier()
+    elif mechanism.release != release:
         raise UserError(
-            f"the ledger in {run.root} booked fine-tuning with different finetune.batch_size/steps: "
-            "restore them or start a new run with a new --out"
+            f"{run.root} has spent its fine-tuning budget with other settings (finetune, pretraining or "
+            "semantics changed since): restore them, or use a new --out for the new settings"
         )
 
     torch.manual_seed(cfg.seed)
@@ -184,31 +221,37 @@ def finetune(
     ema = EMA(net, decay=f.ema)
     checkpoint = _Checkpointer(folder, net, ema, optimizer)
     start = checkpoint.restore()
+    torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank() + start)  # diffusion noise: each rank its own
 
     engine = DPSGD(
         net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
-        noise_multiplier=mechanism.noise_multiplier, expected_batch_size=mechanism.sample_rate * len(sensitive),
+        noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0, expected_batch_size=mechanism.sample_rate * len(sensitive),
         noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
-        generator=private_torch_generator(device),
+        generator=noise_generator(device, cfg.privacy.secure_rng), secure_noise=cfg.privacy.secure_rng,
     )
-    images = to_tensor(sensitive.images).to(device)
-    labels = torch.as_tensor(sensitive.labels, device=device)
+    shard = distributed.shard(torch.arange(len(sensitive)))
+    images = torch.as_tensor(sensitive.images[shard.numpy()], device=device)
+    labels = torch.as_tensor(sensitive.labels[shard.numpy()], device=device)
     epsilon_every = max(1, mechanism.steps // 25)
     spent = compose_epsilon(earlier, cfg.privacy.delta, cfg.privacy.accountant)
     batches = poisson_batches(len(images), mechanism.sample_rate, mechanism.steps - start, private_torch_generator())
-    with _scalars(run, "finetune") as writer, tqdm(desc="finetune (DP-SGD)", initial=start, total=mechanism.steps) as bar:
+    with _scalars(run, "finetune") as writer, _progress(None, "finetune (DP-SGD)", start, mechanism.steps) as bar:
         for step, index in enumerate(batches, start=start):
             index = index.to(device)
-            noisy_loss = engine.step(images[index], labels[index], optimizer)
+            noisy_loss = engine.step(to_tensor(images[index]), labels[index], optimizer)
             ema.update(net)
-            writer.add_scalar("finetune/dp_loss", noisy_loss, step + 1)
             if (step + 1) % epsilon_every == 0 or step + 1 == mechanism.steps:  # an accountant call is not free
                 spent = compose_epsilon(
                     earlier + [dataclasses.replace(mechanism, steps=step + 1)], cfg.privacy.delta, cfg.privacy.accountant
                 )
-                writer.add_scalar("finetune/epsilon", spent, step + 1)
+                if writer is not None:
+                    writer.add_scalar("finetune/epsilon", spent, step + 1)
+            if writer is not None:
+                writer.add_scalar("finetune/dp_loss", noisy_loss, step + 1)
             bar.set_postfix(dp_loss=f"{noisy_loss:.4f}", eps=f"{spent:.3f}")
             bar.update()
             if (step + 1) % f.checkpoint_every == 0 or step + 1 == mechanism.steps:
                 checkpoint.save(step + 1)
-    save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "finetune", "steps": mechanism.steps})
+    if distributed.is_main():
+        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "finetune", "steps": mechanism.steps})
+    distributed.barrier()

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from opacus.optimizers.optimizer import _generate_noise
 from torch.func import functional_call, grad, vmap
 
 # loss_fn(forward, x, y) -> per-sample losses (B,), where forward(*args, **kwargs) runs the model.
@@ -59,6 +60,10 @@ class DPSGD:
     Under torch.distributed, pass the bare module (not a DistributedDataParallel wrapper), each rank its
     share of the batch, and the global expected batch size: the clipped sums are all-reduced and the
     noise is drawn on rank 0 only, once for the global batch.
+
+    `secure_noise` draws each Gaussian as Opacus' secure mode does (a sum of four draws, after
+    discarding one), which defeats the floating-point attacks on naive Gaussian samplers (Mironov 2012,
+    Holohan & Braghin 2021); pair it with a cryptographic `generator` (runtime.noise_generator).
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class DPSGD:
         loss_clip: float = 1.0,
         loss_weight: float = 0.1,
         generator: torch.Generator | None = None,
+        secure_noise: bool = False,
     ):
         if clip_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0 and expected_batch_size > 0")
@@ -90,6 +96,7 @@ class DPSGD:
         self.loss_clip = loss_clip
         self.loss_weight = loss_weight
         self.generator = generator
+        self.secure_noise = secure_noise
         self.noise_std = noise_multiplier * clip_norm * math.sqrt(1 + loss_weight**2)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._per_sample_grads = vmap(
@@ -128,8 +135,11 @@ class DPSGD:
         """Add the Gaussian noise to `sums` in place, once for the global batch (rank 0 under DDP)."""
         if not _distributed() or dist.get_rank() == 0:
             for t in sums:
-                noise = torch.randn(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
-                t.add_(noise, alpha=self.noise_std)
+                if self.secure_noise:  # Opacus' sampler, robust to floating-point attacks on the noise
+                    t.add_(_generate_noise(self.noise_std, t, self.generator, secure_mode=True))
+                else:
+                    noise = torch.randn(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
+                    t.add_(noise, alpha=self.noise_std)
         if _distributed():
             for t in sums:
                 dist.all_reduce(t)
