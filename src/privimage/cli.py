@@ -6,6 +6,7 @@ A thin layer: it resolves the configuration, opens the pipeline and prints resul
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -16,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from privimage import distributed
 from privimage.config import load_config
 from privimage.errors import UserError
 
@@ -32,18 +34,22 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 DEFAULT_OUT = Path("runs/default")
 
 
-def _pipeline(out: Path, preset: str | None, config: Path | None, overrides: list[str] | None):
+def _pipeline(out: Path, preset: str | None, config: Path | None, overrides: list[str] | None, stage: str | None = None):
+    """Resolve the config and open the run directory, after every check that can refuse the command."""
     from privimage.pipeline import Pipeline
 
     cfg = load_config(preset, config, overrides or (), saved=out / "config.yaml")
-    return Pipeline.open(cfg, out)
+    pipeline = Pipeline(cfg, out).validate()
+    if stage is not None:
+        pipeline.check_runnable(stage)
+    return pipeline.create()
 
 
 def _stage_command(stage: str, help_text: str) -> None:
     def command(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None,
                 overrides: Overrides = None,
                 force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False) -> None:
-        result = _pipeline(out, preset, config, overrides).run_stage(stage, force=force)
+        result = _pipeline(out, preset, config, overrides, stage).run_stage(stage, force=force)
         console.print(f"{stage}: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
 
     command.__doc__ = help_text
@@ -74,8 +80,51 @@ def sample(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = N
            n: Annotated[Optional[int], typer.Option("--n", help="Number of images (sample.n).")] = None) -> None:
     """Sample a labelled synthetic dataset (synthetic.npz, PNG folders, samples.png); no privacy cost."""
     extra = [f"sample.n={n}"] if n is not None else []
-    result = _pipeline(out, preset, config, [*(overrides or []), *extra]).run_stage("sample")
+    result = _pipeline(out, preset, config, [*(overrides or []), *extra], "sample").run_stage("sample")
     console.print(f"sample: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark directory: one run directory per method and ε.")] = Path("runs/bench"),
+    preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
+    epsilons: Annotated[str, typer.Option(help="Comma-separated target ε values.")] = "1,10",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm.")] = "privimage,pdp,dpdm",
+) -> None:
+    """Every method at every ε at equal compute; writes bench.md (table) and bench.png (FID, accuracy vs ε)."""
+    from privimage.bench import bench_configs, bench_row, parse_list, write_bench
+    from privimage.pipeline import Pipeline
+
+    cfg = load_config(preset, config, overrides or ())
+    configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float))
+    pipelines = {name: Pipeline(run_cfg, out / name).validate() for name, run_cfg in configs.items()}
+    rows = []
+    for name, pipeline in pipelines.items():
+        console.print(f"[bold]{name}[/]")
+        pipeline.create().run_all(lambda r: console.print(
+            f"  {r.stage}: " + ("up to date, skipped" if r.skipped else f"done in {r.seconds:.0f}s")))
+        public_size = len(pipeline.public) if pipeline.cfg.method != "dpdm" else 0
+        rows.append(bench_row(name, pipeline.cfg, pipeline.run, public_size))
+        write_bench(out, rows)  # after every run, so a long benchmark shows its progress
+    console.print(f"benchmark: {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+@app.command()
+def audit(
+    out: Annotated[Path, typer.Option("--out", "-o", help="New directory for the audit run and audit.json.")] = Path("runs/audit"),
+    preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
+    without_dp_noise: Annotated[bool, typer.Option(
+        "--without-dp-noise", hidden=True, help="Debugging only: train without DP noise (no guarantee).")] = False,
+) -> None:
+    """Empirical privacy audit: canaries in DP fine-tuning, one-run ε lower bound vs the claimed ε (audit.json)."""
+    from privimage.audit import run_audit
+
+    if without_dp_noise:
+        console.print("[yellow]warning:[/] --without-dp-noise: this training run has NO privacy guarantee")
+    result = run_audit(load_config(preset, config, overrides or ()), out, dp_noise=not without_dp_noise)
+    console.print(f"ε lower bound {result['epsilon_lower_bound']:.3f} (confidence {1 - result['beta']:g}) vs "
+                  f"claimed ε {result['epsilon_claimed']:.3f}; {result['correct_guesses']}/{result['guesses']} "
+                  f"guesses right; {out / 'audit.json'}")
 
 
 @app.command()
@@ -116,13 +165,27 @@ def datasets(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """Under torchrun every rank runs the same command; rank 0 alone prints and writes."""
+    distributed.init_from_env()
+    main_rank = distributed.is_main()
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its event reader chatters at INFO
+    console.quiet = not main_rank
     try:
         app()
     except UserError as exc:
+        console.quiet = False
         console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        console.quiet = False
+        console.print(f"[red]error:[/] no space left on device ({exc.filename or 'while writing'}): free some "
+                      "space and run the same command again to continue", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: run the same command again to continue where it stopped")
         sys.exit(130)
+    finally:
+        distributed.shutdown()

@@ -45,7 +45,7 @@ def run_evaluation(
         seed=cfg.seed, device=str(device),
     )
     if e.fid:
-        extractor = InceptionFeatures(device=str(device))
+        extractor = InceptionFeatures(e.fid_weights, device=str(device))
         real = feature_stats(_first(train.images, e.fid_samples, cfg.seed), extractor, cache_dir / "fid")
         fake = feature_stats(_first(synthetic.images, e.fid_samples, cfg.seed), extractor)
         metrics["fid"] = fid_from_stats(real.mu, real.sigma, fake.mu, fake.sigma)
