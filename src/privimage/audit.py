@@ -1,0 +1,115 @@
+"""`privimage audit`: an empirical lower bound on the ε that DP fine-tuning really has.
+
+m canaries (random block patterns, nothing like the data) each join the training set with
+probability 1/2, drawn from OS entropy. Each canary has a class of its own, so one row of the
+denoiser's label embedding is trained by that canary alone: the most telling mark an image can leave.
+DP-SGD then fine-tunes a fresh denoiser on a slice of the sensitive training split plus the canaries
+that joined, exactly as `privimage finetune` does, with its own ledger. A canary's score is how much
+much lower its diffusion loss is under its own label than under the null label of classifier-free
+guidance (both on the same fixed noise draws): only a member has taught its label anything. The one-run audit (privacy/audit.py) turns the
+guesses into a lower bound on ε, which must stay below the ε the ledger claims. With the DP noise
+switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
+exceed the claim by far: that is what shows the audit can see a leak.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from privimage.config import to_yaml
+from privimage.data import ImageDataset, default_cache_dir, load_sensitive, to_tensor
+from privimage.diffusion.train import CHECKPOINT_FILE, build_denoiser, finetune, plan_finetune
+from privimage.checkpoint import load_checkpoint
+from privimage.errors import UserError
+from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.rundir import RunDir, write_json, write_text
+from privimage.runtime import private_numpy_rng, resolve_device
+
+CANARY_BLOCK = 4  # pixels per side of a canary's random blocks
+
+
+def make_canaries(count: int, resolution: int, channels: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 N×H×W×C random black/white block patterns: far from any natural image and from each other."""
+    cells = -(-resolution // CANARY_BLOCK)
+    blocks = (rng.random((count, cells, cells, 1)) < 0.5).astype(np.uint8) * 255
+    patterns = blocks.repeat(CANARY_BLOCK, axis=1).repeat(CANARY_BLOCK, axis=2)[:, :resolution, :resolution]
+    return np.repeat(patterns, channels, axis=3)
+
+
+@torch.no_grad()
+def diffusion_losses(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, draws: int, seed: int, log_sigma: tuple[float, float] = (-1.2, 1.2),
+                     sigma_data: float, device: torch.device) -> np.ndarray:
+    """Each image's EDM loss, averaged over `draws` noise levels and noises fixed by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    x, y = to_tensor(images).to(device), torch.as_tensor(labels, device=device)
+    total = torch.zeros(len(x), dtype=torch.float64)
+    for _ in range(draws):
+        sigma = (torch.randn(len(x), generator=generator) * log_sigma[1] + log_sigma[0]).exp().to(device)
+        noise = torch.randn(x.shape, generator=generator).to(device)
+        weight = (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
+        error = (net(x + noise * sigma.view(-1, 1, 1, 1), sigma, y) - x).square().flatten(1).mean(dim=1)
+        total += (weight * error).double().cpu()
+    return (total / draws).numpy()
+
+
+def audit_config(cfg: DictConfig) -> DictConfig:
+    """The run the audit trains: fine-tuning from scratch with the audit's steps, batch and learning rate."""
+    a = cfg.audit
+    return OmegaConf.merge(cfg, {"method": "dpdm", "finetune": {
+        "steps": a.steps, "epochs": None, "batch_size": a.batch_size, "lr": a.lr}})
+
+
+def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
+    a, d = cfg.audit, cfg.data
+    if 2 * a.guesses > a.canaries:
+        raise UserError(f"audit.guesses={a.guesses} is more than half of audit.canaries={a.canaries}: lower it")
+    run = RunDir(out)
+    if run.root.exists() and any(run.root.iterdir()):
+        raise UserError(f"{run.root} is not empty: an audit needs a new --out")
+    cfg = audit_config(cfg)
+    device = resolve_device(cfg.device)
+    cache_dir = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
+    train, _ = load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels,
+                              test_fraction=d.test_fraction, test_spec=d.sensitive_test, cache_dir=cache_dir)
+    rng = private_numpy_rng()  # who is in stays unknown to everyone until the scores are in
+    canaries = make_canaries(a.canaries, d.resolution, d.channels, rng)
+    canary_labels = train.num_classes + np.arange(a.canaries)  # a class of its own for each canary
+    class_names = train.class_names + tuple(f"canary:{i}" for i in range(a.canaries))
+    included = rng.random(a.canaries) < 0.5
+    real = train.subset(np.sort(rng.permutation(len(train))[: a.sensitive_images]))
+    data = ImageDataset(np.concatenate([real.images, canaries[included]]),
+                        np.concatenate([real.labels, canary_labels[included]]), class_names, name="audit")
+    plan_finetune(cfg, len(data), [])  # a budget too small refuses here, before anything is written
+
+    run.create()
+    write_text(run.config, to_yaml(cfg))
+    ledger = PrivacyLedger.open(run.ledger, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
+    finetune(cfg, run, ledger, data, None, device, dp_noise=dp_noise)
+
+    trained = build_denoiser(cfg, data.num_classes)
+    tensors, _ = load_checkpoint(run.finetune_dir / CHECKPOINT_FILE)
+    trained.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    torch.manual_seed(cfg.seed)  # the initial weights fine-tuning started from (diffusion/train.py)
+    labels_reset = copy.deepcopy(trained)
+    labels_reset.unet.class_embed.load_state_dict(build_denoiser(cfg, data.num_classes).unet.class_embed.state_dict())
+    options = dict(draws=a.score_draws, seed=cfg.seed, sigma_data=cfg.model.sigma_data, device=device)
+    losses = [diffusion_losses(net.to(device).eval(), canaries, canary_labels, **options)
+              for net in (trained, labels_reset)]
+    scores = np.abs(losses[0] - losses[1])
+    correct = correct_guesses(scores, included, a.guesses)
+    result = {
+        "epsilon_lower_bound": epsilon_lower_bound(correct, 2 * a.guesses, a.beta),
+        "epsilon_claimed": ledger.reread().spent_epsilon(),
+        "delta": cfg.privacy.delta,
+        "dp_noise": dp_noise,
+        "canaries": a.canaries, "guesses": 2 * a.guesses, "correct_guesses": correct, "beta": a.beta,
+        "method": "one-run audit, Steinke, Nasr & Jagielski 2023 (δ = 0 bound); score = |loss change when the canary's label row is reset|",
+    }
+    write_json(run.root / "audit.json", result)
+    return result

@@ -1,0 +1,46 @@
+"""`privimage audit`: the empirical bound respects the claim, and catches training without DP noise."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# Small enough for CI; 32 + 32 guesses can prove at most ε ≈ 3.0 at 95 % confidence.
+SETTINGS = ["privacy.epsilon=1", "audit.canaries=128", "audit.guesses=32", "audit.steps=30",
+            "audit.sensitive_images=64"]
+
+
+def audit(tmp_path, cache_dir, *extra):
+    result = subprocess.run([sys.executable, "-m", "privimage", "audit", "--preset", "quick", "--out", "a",
+                             *extra, *SETTINGS], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / "a" / "audit.json").read_text()), result
+
+
+def test_bound_stays_below_the_claimed_epsilon(tmp_path, cache_dir):
+    report, _ = audit(tmp_path, cache_dir)
+    assert report["dp_noise"] is True and 0.99 <= report["epsilon_claimed"] <= 1.0
+    assert report["epsilon_lower_bound"] <= report["epsilon_claimed"]
+    ledger = json.loads((tmp_path / "a" / "privacy.json").read_text())
+    assert [entry["stage"] for entry in ledger["entries"]] == ["finetune"]
+
+
+def test_training_without_dp_noise_is_caught(tmp_path, cache_dir):
+    report, result = audit(tmp_path, cache_dir, "--without-dp-noise")
+    assert "NO privacy guarantee" in result.stderr
+    assert report["dp_noise"] is False
+    assert report["epsilon_lower_bound"] > 2 * report["epsilon_claimed"]
+
+
+def test_audit_refuses_a_used_directory(tmp_path, cache_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "something").write_text("x")
+    result = subprocess.run([sys.executable, "-m", "privimage", "audit", "--preset", "quick", "--out", "a"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
+    assert result.returncode == 2 and "needs a new --out" in result.stderr
