@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,3 +71,84 @@ def test_second_identical_run_skips_every_stage(quick_run, cache_dir):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("up to date, skipped") == 6
     assert (run / "privacy.json").read_text() == before  # nothing spent twice
+
+
+CHROMIUM = next((path for name in ("chromium", "chromium-browser", "google-chrome") if (path := shutil.which(name))), None)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian: apt-get install chromium)")
+def test_report_renders_in_headless_chromium(quick_run, tmp_path):
+    run, _ = quick_run
+    page = (run / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
+    assert page.count('src="data:image/png;base64,') >= 5  # samples, real, semantics, curves, ledger
+    for section in ("Privacy", "Selected semantics", "Training", "Samples", "Metrics", "Configuration"):
+        assert section in page, section
+    shot = tmp_path / "report.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1100,2400", (run / "report.html").as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2400, 1100)
+    assert pixels.std() > 20 and (pixels < 64).mean() > 0.01  # a page of text and images, not a blank one
+
+
+def _encodings(vector: np.ndarray) -> list[bytes]:
+    """The ways a vector of counts could be written: as text (lists, JSON, floats) and as raw arrays."""
+    ints, floats = [int(v) for v in vector], [float(v) for v in vector]
+    texts = [sep.join(map(str, values)) for values in (ints, floats) for sep in (", ", ",", " ", "\t")]
+    raw = [np.asarray(vector).astype(dtype).tobytes() for dtype in ("<i8", "<i4", "<f4", "<f8")]
+    return [text.encode() for text in texts] + raw
+
+
+def _leaks(blobs: dict[str, bytes], statistics: dict[str, np.ndarray]) -> list[str]:
+    return [f"{what} in {where}" for what, vector in statistics.items() for pattern in _encodings(vector)
+            for where, blob in blobs.items() if pattern in blob]
+
+
+def test_no_exact_sensitive_statistic_reaches_any_file_or_the_terminal(quick_run, cache_dir, tmp_path):
+    """Scans everything the run wrote, and its stdout/stderr, for the true class counts and raw vote rows."""
+    from omegaconf import OmegaConf
+
+    from privimage.nets import predict_logits
+    from privimage.pipeline import Pipeline
+    from privimage.semantics.query import top_k_classes, vote_histogram
+    from privimage.semantics.stage import semantic_classifier
+
+    run, first = quick_run
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data.cache_dir = str(cache_dir)
+    pipeline = Pipeline(cfg, run)
+    train, public = pipeline.sensitive_train, pipeline.public
+    classifier, _ = semantic_classifier(cfg, public, cache_dir, pipeline.device)
+    votes = top_k_classes(predict_logits(classifier, train.images), cfg.semantics.k)
+    histogram = vote_histogram(votes, train.labels, train.num_classes, public.num_classes)
+    statistics = {"class counts": np.bincount(train.labels, minlength=train.num_classes)}
+    statistics |= {f"raw votes of class {name}": row for name, row in zip(train.class_names, histogram)}
+
+    planted = {"control.json": json.dumps({"counts": statistics["class counts"].tolist()}).encode(),
+               "control.bin": histogram[3].astype("<f4").tobytes()}
+    assert len(_leaks(planted, statistics)) == 2  # the scan does find a statistic that is there
+
+    blobs = {str(path.relative_to(run)): path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    blobs |= {"stdout": first.stdout.encode(), "stderr": first.stderr.encode()}
+    assert any(name.startswith("tensorboard/") for name in blobs)  # the event files are scanned too
+    assert _leaks(blobs, statistics) == []
+
+
+def test_torchrun_with_two_processes_spends_exactly_what_one_process_does(quick_run, cache_dir, tmp_path):
+    """DDP on 2 CPU processes (gloo): the same ledger as the single-process run, one set of artifacts."""
+    run, _ = quick_run
+    env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "privimage", "run", "--preset", "quick", "--out", "r2"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single = json.loads((run / "privacy.json").read_text())
+    double = json.loads((tmp_path / "r2" / "privacy.json").read_text())
+    assert double["entries"] == single["entries"] and double["spent"] == single["spent"]
+    with np.load(tmp_path / "r2" / "synthetic.npz") as data:
+        assert data["images"].shape == (100, 28, 28, 1)
+        assert np.bincount(data["labels"], minlength=10).tolist() == [10] * 10
+    assert result.stderr.count("privacy spent") == 1  # one rank prints
