@@ -46,6 +46,7 @@ def test_unicode_names_and_a_class_with_one_image(tmp_path):
         (["privacy.epsilon=-0.5"], ["privacy.epsilon"]),
         (["method=dpdm", "privacy.epsilon=1e-6"], ["noise multiplier"]),  # too small for a single DP step
         (["evaluate.fid=true", "evaluate.fid_weights=/nonexistent/inception.pt"], ["evaluate.fid_weights"]),
+        (["evaluate.augment=-1"], ["evaluate.augment"]),
     ],
 )
 def test_bad_values_are_refused_before_the_run_dir_exists(tmp_path, cache_dir, overrides, words):

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from privimage import nets
 from privimage.errors import UserError
 from privimage.evaluation import (
     InceptionFeatures,
@@ -190,6 +191,25 @@ def test_downstream_accuracy_trains_on_synthetic_and_tests_on_real():
     scrambled = SimpleNamespace(images=images, labels=np.random.default_rng(0).permutation(labels))
     scores = downstream_accuracy(scrambled, test_images, test_labels, classifiers=("cnn",), epochs=4, batch_size=16)
     assert scores["cnn"] < 0.8
+
+
+def test_downstream_augmentation_reaches_the_training_batches(monkeypatch):
+    """Training batches are distorted at the strength asked for, and left untouched at 0."""
+    images, labels = stripes(32, seed=0)
+    batches = []
+    distort = nets._distort
+
+    def recording_distort(x, generator, strength=1.0):
+        out = distort(x, generator, strength)
+        batches.append((strength, torch.equal(out, x)))
+        return out
+
+    monkeypatch.setattr(nets, "_distort", recording_distort)
+    synthetic = SimpleNamespace(images=images, labels=labels)
+    for strength, unchanged in ((0.0, True), (1.0, False)):
+        batches.clear()
+        downstream_accuracy(synthetic, images, labels, classifiers=("cnn",), epochs=2, batch_size=16, augment=strength)
+        assert batches == [(strength, unchanged)] * 4
 
 
 def test_downstream_rejects_unknown_classifier():

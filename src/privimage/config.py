@@ -137,6 +137,11 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+    e = cfg.evaluate
+    _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
+           f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")
+    _check(_is_number(e.augment) and e.augment >= 0,
+           f"evaluate.augment must be a number >= 0, 0 for no augmentation (got {e.augment})")
     a = cfg.audit
     for key in ("canaries", "guesses", "sensitive_images", "steps", "batch_size", "score_draws"):
         _check(isinstance(a[key], int) and a[key] >= (0 if key == "sensitive_images" else 1),

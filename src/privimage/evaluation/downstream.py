@@ -37,10 +37,16 @@ def downstream_accuracy(
     classifiers: Sequence[str] = ("cnn", "resnet"),
     epochs: int = 15,
     batch_size: int = 64,
+    augment: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Real-test accuracy of each named classifier trained from scratch on `synthetic`."""
+    """Real-test accuracy of each named classifier trained from scratch on `synthetic`.
+
+    `augment` is the strength of `nets.augment` during training: a few thousand synthetic images are a
+    small training set, and a classifier trained on them plainly measures its overfitting as much as
+    the images.
+    """
     unknown = sorted(set(classifiers) - CLASSIFIERS.keys())
     if unknown:
         raise UserError(f"unknown downstream classifier(s) {unknown}: choose from {sorted(CLASSIFIERS)}")
@@ -53,8 +59,8 @@ def downstream_accuracy(
             torch.manual_seed(seed)
             model = CLASSIFIERS[name](in_channels, num_classes)
         train_classifier(
-            model, synthetic.images, synthetic.labels, epochs=epochs, batch_size=batch_size, seed=seed,
-            device=device, desc=f"downstream {name}",
+            model, synthetic.images, synthetic.labels, epochs=epochs, batch_size=batch_size, augment=augment,
+            seed=seed, device=device, desc=f"downstream {name}",
         )
         results[name] = accuracy(model, test_images, test_labels, device=device)
         logger.info("downstream %s: %.2f%% real-test accuracy", name, 100 * results[name])

@@ -42,7 +42,7 @@ def run_evaluation(
     metrics: dict = {"samples": len(synthetic)}
     metrics["accuracy"] = downstream_accuracy(
         synthetic, test.images, test.labels, classifiers=tuple(e.classifiers), epochs=e.classifier_epochs,
-        seed=cfg.seed, device=str(device),
+        augment=e.augment, seed=cfg.seed, device=str(device),
     )
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
