@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("semantics", "pretrain", "finetune", "sample", "evaluate", "report")
+from privimage.pipeline import STAGES
 
 
 def main() -> None:

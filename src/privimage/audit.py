@@ -5,9 +5,9 @@ probability 1/2, drawn from OS entropy. Each canary has a class of its own, so o
 denoiser's label embedding is trained by that canary alone: the most telling mark an image can leave.
 DP-SGD then fine-tunes a fresh denoiser on a slice of the sensitive training split plus the canaries
 that joined, exactly as `privimage finetune` does, with its own ledger. A canary's score is how much
-much lower its diffusion loss is under its own label than under the null label of classifier-free
-guidance (both on the same fixed noise draws): only a member has taught its label anything. The one-run audit (privacy/audit.py) turns the
-guesses into a lower bound on ε, which must stay below the ε the ledger claims. With the DP noise
+its diffusion loss changes when its label's embedding row is reset to its initial weights (both
+losses on the same fixed noise draws): only a member has taught its label anything. The one-run
+audit (privacy/audit.py) turns the guesses into a lower bound on ε, which must stay below the ε the ledger claims. With the DP noise
 switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
 exceed the claim by far: that is what shows the audit can see a leak.
 """
@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from privimage.config import to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_sensitive, to_tensor
+from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.train import CHECKPOINT_FILE, build_denoiser, finetune, plan_finetune
 from privimage.checkpoint import load_checkpoint
 from privimage.errors import UserError
@@ -43,18 +44,16 @@ def make_canaries(count: int, resolution: int, channels: int, rng: np.random.Gen
 
 
 @torch.no_grad()
-def diffusion_losses(net: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, draws: int, seed: int, log_sigma: tuple[float, float] = (-1.2, 1.2),
+def diffusion_losses(net: EDMPrecond, images: np.ndarray, labels: np.ndarray, *, draws: int, seed: int,
                      sigma_data: float, device: torch.device) -> np.ndarray:
-    """Each image's EDM loss, averaged over `draws` noise levels and noises fixed by `seed`."""
-    generator = torch.Generator().manual_seed(seed)
+    """Each image's EDM training loss (no label dropout), averaged over `draws` draws fixed by `seed`."""
     x, y = to_tensor(images).to(device), torch.as_tensor(labels, device=device)
     total = torch.zeros(len(x), dtype=torch.float64)
-    for _ in range(draws):
-        sigma = (torch.randn(len(x), generator=generator) * log_sigma[1] + log_sigma[0]).exp().to(device)
-        noise = torch.randn(x.shape, generator=generator).to(device)
-        weight = (sigma.square() + sigma_data**2) / (sigma * sigma_data).square()
-        error = (net(x + noise * sigma.view(-1, 1, 1, 1), sigma, y) - x).square().flatten(1).mean(dim=1)
-        total += (weight * error).double().cpu()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for _ in range(draws):
+            losses = edm_loss(net, x, y, num_classes=net.unet.num_classes, sigma_data=sigma_data, label_dropout=0.0)
+            total += losses.double().cpu()
     return (total / draws).numpy()
 
 

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import METHODS, validate
+from privimage.diffusion.train import MODEL_FILE
 from privimage.errors import UserError
 from privimage.report.figures import figure_png
 from privimage.rundir import RunDir, read_json, write_bytes, write_text
@@ -69,7 +70,7 @@ def bench_row(name: str, cfg: DictConfig, run: RunDir, public_size: int) -> dict
     return {
         "run": name, "method": cfg.method, "epsilon": cfg.privacy.epsilon, "spent": ledger["spent"]["epsilon"],
         "fid": metrics.get("fid"), "accuracy": metrics["accuracy"], "public_images": public_images,
-        "parameters": parameter_count(run.finetune_dir / "model.safetensors"), "seconds": seconds,
+        "parameters": parameter_count(run.finetune_dir / MODEL_FILE), "seconds": seconds,
         "reused": reused,
     }
 

@@ -46,6 +46,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def rank_seed(seed: int) -> int:
+    """A seed of this rank's own, for randomness that must differ across ranks (diffusion noise, sampling)."""
+    return seed + 1_000_003 * rank()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

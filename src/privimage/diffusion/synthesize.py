@@ -33,7 +33,7 @@ def generate(
     num_classes = len(class_names)
     labels = torch.arange(n) % num_classes
     mine = distributed.shard(torch.arange(n))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1_000_003 * distributed.rank())
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):

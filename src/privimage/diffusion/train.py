@@ -142,7 +142,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int,
     labels = torch.as_tensor(data.labels, device=device)
     per_rank = math.ceil(p.batch_size / distributed.world_size())
     loss_fn = diffusion_loss(cfg, num_classes)
-    rank_seed = cfg.seed + 1_000_003 * distributed.rank()
+    rank_seed = distributed.rank_seed(cfg.seed)
     generator = torch.Generator().manual_seed(rank_seed + start)
     torch.manual_seed(rank_seed + start)  # diffusion noise: each rank and each resumed segment its own
     net.train()
@@ -221,7 +221,7 @@ def finetune(
     ema = EMA(net, decay=f.ema)
     checkpoint = _Checkpointer(folder, net, ema, optimizer)
     start = checkpoint.restore()
-    torch.manual_seed(cfg.seed + 1_000_003 * distributed.rank() + start)  # diffusion noise: each rank its own
+    torch.manual_seed(distributed.rank_seed(cfg.seed) + start)  # diffusion noise: each rank its own
 
     engine = DPSGD(
         net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
