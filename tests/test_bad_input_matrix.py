@@ -69,7 +69,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, cache_dir, monkeypatch, 
     real_fsync, calls = os.fsync, {"checkpoints": 0}
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").find("checkpoint.safetensors") >= 0:
+        if os.readlink(f"/proc/self/fd/{fd}").find("checkpoint.next.safetensors") >= 0:
             calls["checkpoints"] += 1
             if calls["checkpoints"] == 2:  # the second pretraining checkpoint finds the disk full
                 raise OSError(errno.ENOSPC, "No space left on device")

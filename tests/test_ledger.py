@@ -35,7 +35,7 @@ def test_round_trip(tmp_path) -> None:
     ledger.book(FINETUNE)
 
     stored = json.loads(path.read_text())  # on disk as soon as book() returns
-    assert stored["entries"] == [QUERY.to_dict(), FINETUNE.to_dict()]
+    assert stored["entries"] == [QUERY.to_dict() | {"released_steps": 0}, FINETUNE.to_dict() | {"released_steps": 0}]
     assert stored["spent"] == {"epsilon": pytest.approx(compose_epsilon([QUERY, FINETUNE], 1e-5)), "delta": 1e-5}
 
     reopened = PrivacyLedger.open(path, 10.0, 1e-5)
@@ -100,3 +100,53 @@ def test_a_failed_write_keeps_the_old_file_and_entries(tmp_path, monkeypatch) ->
     assert path.read_bytes() == before
     assert ledger.entries == [QUERY]
     assert os.listdir(tmp_path) == ["privacy.json"]  # no temporary file left behind
+
+
+def test_released_steps_are_recorded_and_only_go_up(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    ledger = PrivacyLedger.open(path, 10.0, 1e-5)
+    ledger.book(FINETUNE)
+    ledger.record_release("finetune", "", 2)
+    assert PrivacyLedger.open(path, 10.0, 1e-5).released_steps("finetune", "") == 2
+    with pytest.raises(ValueError):
+        ledger.record_release("finetune", "", 1)  # never down
+    with pytest.raises(ValueError):
+        ledger.record_release("finetune", "", FINETUNE.steps + 1)  # never past the booking
+    with pytest.raises(ValueError):
+        ledger.record_release("semantics", "", 1)  # never without a booking
+
+
+def test_book_rereads_the_file_and_keeps_entries_booked_by_another_object(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    first = PrivacyLedger.open(path, 10.0, 1e-5)
+    second = PrivacyLedger.open(path, 10.0, 1e-5)
+    first.book(QUERY)
+    second.book(FINETUNE)  # a stale object must not write over the query
+    assert PrivacyLedger.open(path, 10.0, 1e-5).entries == [QUERY, FINETUNE]
+
+
+def test_a_missing_ledger_is_not_recreated_when_asked_not_to(tmp_path) -> None:
+    with pytest.raises(UserError, match="use a new --out"):
+        PrivacyLedger.open(tmp_path / "privacy.json", 10.0, 1e-5, create=False)
+    assert not (tmp_path / "privacy.json").exists()
+
+
+def test_a_nan_epsilon_is_refused(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "privacy.json"
+    ledger = PrivacyLedger.open(path, 10.0, 1e-5)
+    before = path.read_bytes()
+    monkeypatch.setattr("privimage.privacy.ledger.compose_epsilon",
+                        lambda mechanisms, *args, **kwargs: float("nan") if mechanisms else 0.0)
+    with pytest.raises(UserError, match="over the target"):
+        ledger.book(QUERY)
+    assert path.read_bytes() == before
+
+
+def test_a_ledger_over_its_target_is_refused_on_open(tmp_path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyLedger.open(path, 10.0, 1e-5).book(QUERY)
+    tampered = json.loads(path.read_text())
+    tampered["entries"].append(GREEDY.to_dict())  # ε far above 10
+    path.write_text(json.dumps(tampered))
+    with pytest.raises(UserError, match="not within its target"):
+        PrivacyLedger.open(path, 10.0, 1e-5)

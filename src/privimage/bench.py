@@ -2,11 +2,13 @@
 
 Each (method, ε) is an ordinary run directory `DIR/<method>-eps<ε>` made from the same configuration
 (same model, same DP-SGD steps and batch, same pretraining steps for privimage and pdp): only `method`
-and `privacy.epsilon` differ. Runs are resumable and skipped when done, like `privimage run`.
+and `privacy.epsilon` differ, and all share one train/test split. Runs are resumable and skipped when
+done, like `privimage run`.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +48,20 @@ def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[fl
             validate(run_cfg)
             configs[f"{method}-eps{epsilon:g}"] = run_cfg
     return configs
+
+
+def share_split_key(out: Path, names: Sequence[str]) -> None:
+    """Give every run of a benchmark the same train/test split, so that methods differ only in method.
+
+    The key is made once for the benchmark folder and copied into each run directory that has none.
+    """
+    key = Path(out) / "private" / "split.key"
+    if not key.exists():
+        write_bytes(key, secrets.token_bytes(32), private=True)
+    for name in names:
+        run = RunDir(Path(out) / name)
+        if not run.split_key.exists() and not run.holds_results():
+            write_bytes(run.split_key, key.read_bytes(), private=True)
 
 
 def parameter_count(model_file: Path) -> int:

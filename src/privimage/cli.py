@@ -92,11 +92,12 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm.")] = "privimage,pdp,dpdm",
 ) -> None:
     """Every method at every ε at equal compute; writes bench.md (table) and bench.png (FID, accuracy vs ε)."""
-    from privimage.bench import bench_configs, bench_row, parse_list, write_bench
+    from privimage.bench import bench_configs, bench_row, parse_list, share_split_key, write_bench
     from privimage.pipeline import Pipeline
 
     cfg = load_config(preset, config, overrides or ())
     configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float))
+    share_split_key(out, list(configs))
     pipelines = {name: Pipeline(run_cfg, out / name).validate() for name, run_cfg in configs.items()}
     rows = []
     for name, pipeline in pipelines.items():
@@ -125,6 +126,10 @@ def audit(
     console.print(f"ε lower bound {result['epsilon_lower_bound']:.3f} (confidence {1 - result['beta']:g}) vs "
                   f"claimed ε {result['epsilon_claimed']:.3f}; {result['correct_guesses']}/{result['guesses']} "
                   f"guesses right; {out / 'audit.json'}")
+    if not result["conclusive"]:
+        console.print(f"inconclusive: with {result['guesses']} guesses this audit can prove at most "
+                      f"ε = {result['epsilon_lower_bound_max']:.2f}, below the claimed {result['epsilon_claimed']:.3f}, "
+                      "so it cannot tell whether the claim holds; raise audit.canaries and audit.guesses")
 
 
 @app.command()

@@ -104,6 +104,8 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(p.delta) and 0 < p.delta < 1, f"privacy.delta must be in (0, 1), e.g. 1e-5 (got {p.delta})")
     _check(p.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv (got {p.accountant})")
     _check(isinstance(p.secure_rng, bool), f"privacy.secure_rng must be true or false (got {p.secure_rng})")
+    _check(cfg.minutes is None or (_is_number(cfg.minutes) and cfg.minutes > 0),
+           f"minutes must be a number of minutes > 0, or null for the configured step counts (got {cfg.minutes})")
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
     _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
     if cfg.method != "dpdm":
@@ -143,8 +145,8 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(e.augment) and e.augment >= 0,
            f"evaluate.augment must be a number >= 0, 0 for no augmentation (got {e.augment})")
     a = cfg.audit
-    for key in ("canaries", "guesses", "sensitive_images", "steps", "batch_size", "score_draws"):
-        _check(isinstance(a[key], int) and a[key] >= (0 if key == "sensitive_images" else 1),
+    for key in ("canaries", "guesses", "public_images", "steps", "batch_size", "score_draws"):
+        _check(isinstance(a[key], int) and a[key] >= 1,
                f"audit.{key} must be a positive integer (got {a[key]})")
     _check(_is_number(a.beta) and 0 < a.beta < 1, f"audit.beta must be in (0, 1) (got {a.beta})")
 

@@ -11,7 +11,9 @@ before the run directory is touched, so a bad input never leaves a half-made run
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -33,9 +35,10 @@ from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.report.html import write_report
-from privimage.rundir import RunDir, atomic_path, read_json, write_json, write_text
-from privimage.runtime import noise_generator, resolve_device
-from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics
+from privimage.rundir import RunDir, atomic_path, read_json, write_bytes, write_json, write_text
+from privimage.runtime import dp_noise_source, resolve_device
+from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
+from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ _STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "report": (),
 }
+SPLIT_KEY_BYTES = 32
 # Settings that, once a run directory has spent privacy, may not change under it.
 _FROZEN_KEYS = ("privacy", "data")
 
@@ -70,6 +74,8 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
         self._marker_notes: dict[str, dict] = {}  # extra facts a stage records in its marker
+        self.started = time.monotonic()  # `minutes` counts from here
+        self.plan: Plan | None = None
 
     def validate(self) -> "Pipeline":
         """Check the run directory, the data and the budget; touches nothing on disk."""
@@ -77,13 +83,44 @@ class Pipeline:
         if self.cfg.evaluate.fid and weights is not None and not Path(weights).is_file():
             raise UserError(f"evaluate.fid_weights={weights} is not a file: give a TorchScript Inception-v3 or null")
         if self.cfg.privacy.secure_rng:
-            noise_generator(secure=True)  # refuses early when torchcsprng is missing
+            dp_noise_source(secure=True)  # refuses early when torchcsprng is missing
         self._check_existing_run()
         self.sensitive_train, self.sensitive_test  # noqa: B018 -- load (and validate) the data now
         if self.cfg.method != "dpdm":
             self.public  # noqa: B018
+        if self.cfg.minutes is not None:
+            self._apply_plan()
         self.planned_mechanisms()  # refuses a budget too small to train
         return self
+
+    def _apply_plan(self) -> None:
+        """Step counts for `minutes`: the run directory's plan when it has one (a resumed run keeps its
+        plan), else a new one from the probe. Made before any sensitive image is read."""
+        if self.run.plan.exists():
+            plan = Plan(**read_json(self.run.plan))
+        else:
+            plan = distributed.broadcast(self._make_plan() if distributed.is_main() else None)
+        self.plan = plan
+        self.cfg = OmegaConf.merge(self.cfg, plan.overrides())
+
+    def _make_plan(self) -> Plan:
+        num_classes = self.sensitive_train.num_classes
+        uses_public = "semantics" in self.stages()
+        throughput = probe(self.cfg, num_classes, self.public.num_classes if uses_public else 1, self.device)
+        semantics_seconds = 0.0
+        if uses_public and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
+            c = self.cfg.semantics.classifier
+            throughput["semantic_classifier_image_epoch"] = classifier_throughput(
+                self.cfg, self.public, self.device)
+            semantics_seconds = c.epochs * len(self.public) * throughput["semantic_classifier_image_epoch"]
+        seconds_left = 60 * self.cfg.minutes - (time.monotonic() - self.started)
+        plan = make_plan(self.cfg, throughput, seconds_left, semantics_seconds=semantics_seconds,
+                         evaluations_per_classifier=evaluations_per_classifier(self.cfg),
+                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
+        logger.info("plan for %g minutes: %s", self.cfg.minutes, json.dumps(
+            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
+             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
+        return plan
 
     @classmethod
     def open(cls, cfg: DictConfig, out: str | Path) -> "Pipeline":
@@ -91,26 +128,48 @@ class Pipeline:
         return cls(cfg, Path(out)).validate().create()
 
     def create(self) -> "Pipeline":
-        """Create (or reopen) the run directory, its config.yaml and its ledger."""
+        """Lock and create (or reopen) the run directory, its config.yaml, ledger and split key.
+
+        The lock (rank 0 holds it under torchrun) lasts as long as this process or `close()`. Every
+        check of the existing run is repeated under it. A directory holding results but no ledger or
+        no split key is refused: a fresh ledger would forget what was spent, a fresh key would move
+        images between the train and test splits.
+        """
         created = not self.run.root.exists()
         privacy = self.cfg.privacy
         if distributed.is_main():
             try:
                 self.run.create()
+                self._lock = self.run.lock()
+                self._check_existing_run()
+                holds_results = self.run.holds_results()
                 write_text(self.run.config, to_yaml(self.cfg))
-                self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant)
+                self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
+                                                 create=not holds_results)
+                if not self.run.split_key.exists():
+                    write_bytes(self.run.split_key, self.split_key, private=True)
+                if self.plan is not None and not self.run.plan.exists():
+                    write_json(self.run.plan, self.plan.to_dict())
             except BaseException:
                 if created:
+                    self.close()
                     shutil.rmtree(self.run.root, ignore_errors=True)
                 raise
         distributed.barrier()  # under torchrun the other ranks read what rank 0 made
         if not distributed.is_main():
-            self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant)
+            self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
+                                             create=False)
         return self
+
+    def close(self) -> None:
+        """Release the run directory's lock (process exit releases it too)."""
+        lock = self.__dict__.pop("_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _check_existing_run(self) -> None:
         if not self.run.config.exists():
-            if self.run.root.exists() and any(self.run.root.iterdir()):
+            if self.run.holds_results() or self.run.ledger.exists():
                 raise UserError(f"{self.run.root} exists and is not a privimage run directory: choose another --out")
             return
         saved = OmegaConf.load(self.run.config)
@@ -121,12 +180,24 @@ class Pipeline:
                     "on them: use a new --out for new settings"
                 )
 
+    @cached_property
+    def split_key(self) -> bytes:
+        """The key of the per-image train/test split: the run directory's, else a new one from OS entropy."""
+        if self.run.split_key.exists():
+            key = self.run.split_key.read_bytes()
+        elif self.run.holds_results() or (self.run.ledger.exists() and read_json(self.run.ledger).get("entries")):
+            raise UserError(f"{self.run.split_key} is missing but {self.run.root} holds results: without it the "
+                            "train/test split cannot be rebuilt; use a new --out")
+        else:
+            key = secrets.token_bytes(SPLIT_KEY_BYTES)
+        return distributed.broadcast(key)
+
     # -- data ---------------------------------------------------------------------------------
     @cached_property
     def _sensitive(self) -> tuple[ImageDataset, ImageDataset]:
         d = self.cfg.data
-        return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels,
-                              test_fraction=d.test_fraction, test_spec=d.sensitive_test, cache_dir=self.cache_dir)
+        return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels, test_fraction=d.test_fraction,
+                              test_spec=d.sensitive_test, cache_dir=self.cache_dir, split_key=self.split_key)
 
     @property
     def sensitive_train(self) -> ImageDataset:
@@ -260,7 +331,7 @@ class Pipeline:
     def _evaluate(self) -> None:
         """Rank 0 alone: evaluation is cheap next to training."""
         if distributed.is_main():
-            run_evaluation(self.cfg, self.run, self.sensitive_train, self.sensitive_test, self.cache_dir, self.device)
+            run_evaluation(self.cfg, self.run, self.sensitive_train, self.sensitive_test, self.device)
 
     def _report(self) -> None:
         if distributed.is_main():

@@ -109,7 +109,7 @@ def _semantics_section(run: RunDir, public: ImageDataset | None) -> str:
     return (f"<p>k = {semantics['k']}, query σ = {semantics['query_sigma']}, {semantics['public_images']} public images "
             f"kept ({100 * semantics['public_fraction']:.1f}% of the public set).</p>"
             "<table><tr><th>sensitive class</th><th>selected semantics</th><th>public examples</th></tr>"
-            + "".join(rows) + f"</table><p class=note>Diagnostics (evaluation on the test split):</p><ul>{diagnostics}</ul>")
+            + "".join(rows) + f"</table><p class=note>Diagnostics (public data and the noisy picks only):</p><ul>{diagnostics}</ul>")
 
 
 def _samples_section(run: RunDir, test: ImageDataset) -> str:
