@@ -4,10 +4,8 @@
     >>> model = privimage.PrivImage(epsilon=10, out="runs/mine").fit(images, labels)  # doctest: +SKIP
     >>> synthetic_images, synthetic_labels = model.sample(1000)                        # doctest: +SKIP
 
-`PrivImage` and `privimage.data` are imported on first use, so `import privimage` stays fast (no torch).
+`PrivImage` is imported on first use, so `import privimage` stays fast (no torch).
 """
-
-import importlib
 
 from privimage.errors import UserError
 
@@ -20,6 +18,4 @@ def __getattr__(name: str):
         from privimage.api import PrivImage
 
         return PrivImage
-    if name == "data":
-        return importlib.import_module("privimage.data")
     raise AttributeError(f"module 'privimage' has no attribute {name!r}")

@@ -117,7 +117,11 @@ class PrivImage:
 
     # -- running stages ----------------------------------------------------------------------------
     def validate(self) -> "PrivImage":
-        """Check config, data, budget and run directory, touching nothing on disk (bad input: UserError)."""
+        """Check config, data, budget and run directory, touching nothing on disk (bad input: UserError).
+
+            >>> PrivImage(epsilon=0.01, preset="quick", out="runs/q").validate()  # doctest: +SKIP
+            privimage.errors.UserError: the semantics release alone spends ε=0.375 of the target 0.01: ...
+        """
         if self._pending:  # data not yet in the run directory: check a copy of it in a private scratch folder
             with tempfile.TemporaryDirectory(prefix="privimage-fit-") as scratch:
                 staged = {key: str(Path(scratch) / Path(self.cfg.data[key]).name) for key in self._pending}
@@ -241,6 +245,11 @@ class PrivImage:
 
     @property
     def class_names(self) -> tuple[str, ...]:
+        """The sensitive classes, in label order: `sample`'s labels index them.
+
+            >>> PrivImage.load("runs/mine").class_names  # doctest: +SKIP
+            ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
+        """
         return self.pipeline.sensitive_train.class_names
 
     def sample(
@@ -261,7 +270,10 @@ class PrivImage:
         wanted = np.arange(n) % len(names) if labels is None else _class_indices(labels, names, n)
         device = self.pipeline.device
         generator = torch.Generator(device=device)
-        generator.manual_seed(seed) if seed is not None else generator.seed()
+        if seed is None:
+            generator.seed()  # a fresh draw each call
+        else:
+            generator.manual_seed(seed)
         net = self._denoiser()
         shape = (self.cfg.data.channels, self.cfg.data.resolution, self.cfg.data.resolution)
         chunks = []
