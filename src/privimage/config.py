@@ -116,9 +116,9 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(p.delta) and 0 < p.delta < 1, f"privacy.delta must be in (0, 1), e.g. 1e-5 (got {p.delta})")
     _check(p.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv (got {p.accountant})")
     _check(isinstance(p.secure_rng, bool), f"privacy.secure_rng must be true or false (got {p.secure_rng})")
-    _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
     _check(cfg.minutes is None or (_is_number(cfg.minutes) and cfg.minutes > 0),
-           f"minutes must be a number > 0, or null for the step counts as configured (got {cfg.minutes})")
+           f"minutes must be a number of minutes > 0, or null for the configured step counts (got {cfg.minutes})")
+    _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
     _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
     if cfg.method != "dpdm":
         _check(cfg.data.public is not None, "data.public is not set: give a built-in name, a folder or an .npz")
