@@ -37,7 +37,6 @@ from privimage.diffusion.sampler import edm_sample
 from privimage.diffusion.synthesize import _safe_folder_name
 from privimage.diffusion.train import MODEL_FILE, load_denoiser
 from privimage.errors import UserError
-from privimage.evaluation.stage import PRIVATE_DIR
 from privimage.pipeline import Pipeline, StageResult
 from privimage.privacy.accountant import Mechanism, compose_epsilon
 from privimage.rundir import read_json
@@ -50,7 +49,8 @@ Labelled = tuple[np.ndarray, np.ndarray, Union[tuple[str, ...], None]]
 # or a built-in name / folder / .npz path.
 Data = Union[np.ndarray, torch.utils.data.Dataset, "datasets.Dataset", str, os.PathLike]
 
-# The copies `fit` makes of in-memory data, under the run directory's private/ (the owner's only).
+# The copies `fit` makes of in-memory data, in the run directory's private/ folder (the owner's only).
+PRIVATE_DIR = "private"
 _DATA_FILES = {"sensitive": "sensitive.npz", "sensitive_test": "test.npz"}
 
 
