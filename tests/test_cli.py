@@ -21,6 +21,7 @@ def privimage(*args, cwd, env=None):
         (["run", "--out", "r", "--preset", "nope"], "unknown preset"),
         (["run", "--out", "r", "no.such.key=1"], "unknown config key"),
         (["run", "--out", "r", "data.sensitive=missing_folder"], "missing_folder"),
+        (["run", "--out", "r", "--minutes", "0"], "minutes must be a number"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, args, words):

@@ -12,7 +12,7 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
@@ -53,15 +53,26 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise UserError(f"overrides: {str(exc).splitlines()[0]}: write them as key=value") from None
 
 
+def _keys_layer(keys: Mapping[str, Any]) -> DictConfig:
+    """{"finetune.steps": 60, ...} (the Python API's overrides) as a nested config layer."""
+    layer = OmegaConf.create({})
+    for key, value in keys.items():
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{key}' is not a config key: write it as section.key, e.g. finetune.steps")
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str] | Mapping[str, Any] = (),
     saved: str | Path | None = None,
 ) -> DictConfig:
     """Resolve a configuration.
 
-    With neither `preset` nor `config_file`, an existing run's `saved` config.yaml is the starting
+    `overrides` are `key=value` strings (the command line) or a mapping of dotted keys to values (the
+    Python API); both go through the same merge and validation. With neither `preset` nor `config_file`, an existing run's `saved` config.yaml is the starting
     point (so `privimage sample --out DIR` continues the run it names); otherwise the `default`
     preset.
     """
@@ -83,7 +94,8 @@ def load_config(
             except Exception as exc:  # yaml errors come in many types
                 raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
             cfg = _merge(cfg, layer, str(path))
-    cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
+    layer = _keys_layer(overrides) if isinstance(overrides, Mapping) else _parse_overrides(overrides)
+    cfg = _merge(cfg, layer, "overrides")
     validate(cfg)
     return cfg
 

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from privimage import distributed
 from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
-from privimage.diffusion.synthesize import generate, write_synthetic
+from privimage.diffusion.synthesize import balanced_labels, generate, write_synthetic
 from privimage.diffusion.train import MODEL_FILE, finetune, load_denoiser, plan_finetune, pretrain
 from privimage.evaluation.stage import run_evaluation
 from privimage.errors import UserError
@@ -323,8 +323,8 @@ class Pipeline:
     def _sample(self) -> None:
         names = self.sensitive_train.class_names
         net = load_denoiser(self.cfg, len(names), self.run.finetune_dir / MODEL_FILE, self.device)
-        with torch.inference_mode():
-            data = generate(net, names, self.cfg.sample.n, self.cfg, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(self.cfg.seed))
+        data = generate(net, names, balanced_labels(self.cfg.sample.n, len(names)), self.cfg, self.device, generator)
         if distributed.is_main():
             write_synthetic(self.run, data)
 
