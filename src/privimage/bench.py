@@ -16,9 +16,10 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from privimage.checkpoint import load_checkpoint
-from privimage.config import METHODS, validate
+from privimage.config import validate
 from privimage.diffusion.train import MODEL_FILE
 from privimage.errors import UserError
+from privimage.methods import METHODS
 from privimage.report.figures import figure_png
 from privimage.rundir import RunDir, read_json, write_bytes, write_text
 
@@ -69,13 +70,9 @@ def parameter_count(model_file: Path) -> int:
     return sum(tensor.numel() for tensor in tensors.values())  # the denoiser has no buffers: all are parameters
 
 
-def bench_row(name: str, cfg: DictConfig, run: RunDir, public_size: int) -> dict:
+def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> dict:
     """What bench.md shows about one finished run, read from its artifacts."""
     ledger, metrics = read_json(run.ledger), read_json(run.metrics)
-    if cfg.method == "privimage":
-        public_images = read_json(run.semantics)["public_images"]
-    else:
-        public_images = public_size if cfg.method == "pdp" else 0
     seconds, reused = {}, []
     for stage in STAGE_COLUMNS:
         marker = run.stages / f"{stage}.json"

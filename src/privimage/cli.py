@@ -107,8 +107,7 @@ def bench(
         console.print(f"[bold]{name}[/]")
         model.run(on_stage=lambda r: console.print(f"  {r.stage}: {_status(r)}"))
         pipeline = model.pipeline
-        public_size = len(pipeline.public) if pipeline.cfg.method != "dpdm" else 0
-        rows.append(bench_row(name, pipeline.cfg, pipeline.run, public_size))
+        rows.append(bench_row(name, pipeline.cfg, pipeline.run, pipeline.public_images_used()))
         write_bench(out, rows)  # after every run, so a long benchmark shows its progress
     console.print(f"benchmark: {out / 'bench.md'}, {out / 'bench.png'}")
 

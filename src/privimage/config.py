@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from privimage.errors import UserError
+from privimage.methods import METHODS
 
 PRESETS = ("quick", "default", "paper")
-METHODS = ("privimage", "pdp", "dpdm")
 
 
 def _preset_yaml(name: str) -> DictConfig:
@@ -119,8 +119,9 @@ def validate(cfg: DictConfig) -> None:
     _check(cfg.minutes is None or (_is_number(cfg.minutes) and cfg.minutes > 0),
            f"minutes must be a number of minutes > 0, or null for the configured step counts (got {cfg.minutes})")
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
+    method = METHODS[cfg.method]
     _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
-    if cfg.method != "dpdm":
+    if method.uses_public_data:
         _check(cfg.data.public is not None, "data.public is not set: give a built-in name, a folder or an .npz")
     _check(isinstance(cfg.data.resolution, int) and cfg.data.resolution >= 8,
            f"data.resolution must be an integer >= 8 (got {cfg.data.resolution})")
@@ -131,8 +132,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(s.k, int) and s.k >= 1, f"semantics.k must be an integer >= 1 (got {s.k})")
     _check(_is_number(s.query_sigma) and s.query_sigma >= 0,
            f"semantics.query_sigma must be >= 0 (got {s.query_sigma})")
-    _check(cfg.method != "privimage" or s.query_sigma > 0,
-           "semantics.query_sigma must be > 0 for method=privimage (the vote query needs noise): e.g. 20")
+    _check(not method.queries_semantics or s.query_sigma > 0,
+           f"semantics.query_sigma must be > 0 for method={cfg.method} (the vote query needs noise): e.g. 20")
     _check(s.per_class is None or (isinstance(s.per_class, int) and s.per_class >= 1),
            f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
     _check(s.classifier.arch in ("cnn", "resnet"),

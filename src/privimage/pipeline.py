@@ -31,6 +31,7 @@ from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_s
 from privimage.diffusion.synthesize import balanced_labels, generate, write_synthetic
 from privimage.diffusion.train import MODEL_FILE, finetune, load_denoiser, plan_finetune, pretrain
 from privimage.evaluation.stage import run_evaluation
+from privimage.methods import METHODS, STAGES, Method
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
@@ -41,8 +42,6 @@ from privimage.planning import Plan, classifier_throughput, evaluations_per_clas
 from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("semantics", "pretrain", "finetune", "sample", "evaluate", "report")
 
 # The config sections each stage reads, beyond its upstream stages.
 _STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -86,7 +85,7 @@ class Pipeline:
             dp_noise_source(secure=True)  # refuses early when torchcsprng is missing
         self._check_existing_run()
         self.sensitive_train, self.sensitive_test  # noqa: B018 -- load (and validate) the data now
-        if self.cfg.method != "dpdm":
+        if self.method.uses_public_data:
             self.public  # noqa: B018
         if self.cfg.minutes is not None:
             self._apply_plan()
@@ -105,10 +104,9 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        uses_public = "semantics" in self.stages()
-        throughput = probe(self.cfg, num_classes, self.public.num_classes if uses_public else 1, self.device)
+        throughput = probe(self.cfg, num_classes, self.device)
         semantics_seconds = 0.0
-        if uses_public and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
+        if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier
             throughput["semantic_classifier_image_epoch"] = classifier_throughput(
                 self.cfg, self.public, self.device)
@@ -216,13 +214,12 @@ class Pipeline:
     # -- privacy plan ---------------------------------------------------------------------------
     def planned_mechanisms(self) -> list[Mechanism]:
         """Every mechanism the run will apply, DP-SGD's σ calibrated so the composition meets the target."""
-        fixed = [query_mechanism(self.cfg)] if self.cfg.method == "privimage" else []
+        fixed = [query_mechanism(self.cfg)] if self.method.queries_semantics else []
         return fixed + [plan_finetune(self.cfg, len(self.sensitive_train), fixed)]
 
     # -- stages ----------------------------------------------------------------------------------
     def stages(self) -> tuple[str, ...]:
-        return tuple(s for s in STAGES if not (s == "semantics" and self.cfg.method != "privimage")
-                     and not (s == "pretrain" and self.cfg.method == "dpdm"))
+        return self.method.stages
 
     def stage_fingerprint(self, stage: str) -> str:
         upstream = [self.stage_fingerprint(s) for s in self.stages()[: self.stages().index(stage)]]
@@ -282,10 +279,20 @@ class Pipeline:
         run_semantics(self.cfg, self.run, self.ledger, self.sensitive_train, self.sensitive_test, self.public,
                       self.cache_dir, self.device, release=self.stage_fingerprint("semantics"))
 
+    @property
+    def method(self) -> Method:
+        return METHODS[self.cfg.method]
+
+    def public_images_used(self) -> int:
+        """How many public images the method pretrained on (after its stages ran)."""
+        if self.method.pretraining_data == "selected":
+            return int(read_json(self.run.semantics)["public_images"])
+        return len(self.public) if self.method.uses_public_data else 0
+
     def pretraining_data(self) -> ImageDataset:
-        """privimage: the selected public semantics, relabelled; pdp: all public data, unconditional."""
+        """The selected public semantics, relabelled; or all public data, unconditional (see methods.py)."""
         names = self.sensitive_train.class_names
-        if self.cfg.method == "privimage":
+        if self.method.pretraining_data == "selected":
             return pretraining_set(self.public, read_json(self.run.semantics)["selected"], names)
         null_labels = np.full(len(self.public), len(names), dtype=np.int64)  # the label-dropout class
         return ImageDataset(self.public.images, null_labels, (*names, "<unconditional>"), name=self.public.name)
@@ -335,7 +342,7 @@ class Pipeline:
 
     def _report(self) -> None:
         if distributed.is_main():
-            public = self.public if self.cfg.method == "privimage" else None
+            public = self.public if self.method.queries_semantics else None
             write_report(self.cfg, self.run, public, self.sensitive_test)
 
 

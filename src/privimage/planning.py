@@ -61,7 +61,7 @@ def _seconds(fn: Callable[[], object], repeats: int = 2) -> float:
     return best
 
 
-def probe(cfg: DictConfig, num_classes: int, num_public_classes: int, device: torch.device) -> dict[str, float]:
+def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, float]:
     """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch."""
     shape = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
     generator = torch.Generator().manual_seed(0)
