@@ -10,11 +10,11 @@ import pytest
 from privimage import rundir
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, compose_epsilon
-from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.ledger import Booking, PrivacyLedger
 
-QUERY = Mechanism("semantics", "gaussian", 20.0)
-FINETUNE = Mechanism("finetune", "subsampled_gaussian", 2.0, 1.0, 4)
-GREEDY = Mechanism("finetune", "subsampled_gaussian", 0.3, 1.0, 50)
+QUERY = Booking("semantics", Mechanism(20.0))
+FINETUNE = Booking("finetune", Mechanism(2.0, 1.0, 4))
+GREEDY = Booking("finetune", Mechanism(0.3, 1.0, 50))
 
 
 def test_new_ledger_is_written_in_the_documented_format(tmp_path) -> None:
@@ -35,8 +35,14 @@ def test_round_trip(tmp_path) -> None:
     ledger.book(FINETUNE)
 
     stored = json.loads(path.read_text())  # on disk as soon as book() returns
-    assert stored["entries"] == [QUERY.to_dict() | {"released_steps": 0}, FINETUNE.to_dict() | {"released_steps": 0}]
-    assert stored["spent"] == {"epsilon": pytest.approx(compose_epsilon([QUERY, FINETUNE], 1e-5)), "delta": 1e-5}
+    assert stored["entries"] == [
+        {"stage": "semantics", "mechanism": "gaussian", "noise_multiplier": 20.0, "sample_rate": 1.0, "steps": 1,
+         "release": "", "released_steps": 0},
+        {"stage": "finetune", "mechanism": "subsampled_gaussian", "noise_multiplier": 2.0, "sample_rate": 1.0,
+         "steps": 4, "release": "", "released_steps": 0},
+    ]
+    both = [QUERY.mechanism, FINETUNE.mechanism]
+    assert stored["spent"] == {"epsilon": pytest.approx(compose_epsilon(both, 1e-5)), "delta": 1e-5}
 
     reopened = PrivacyLedger.open(path, 10.0, 1e-5)
     assert reopened.entries == [QUERY, FINETUNE]
@@ -53,8 +59,9 @@ def test_spent_is_recomputed_from_the_entries(tmp_path) -> None:
     path.write_text(json.dumps(tampered))
 
     ledger = PrivacyLedger.open(path, 10.0, 1e-5)
-    assert ledger.spent_epsilon() == pytest.approx(compose_epsilon([QUERY], 1e-5))
-    assert ledger.spent_epsilon([FINETUNE]) == pytest.approx(compose_epsilon([QUERY, FINETUNE], 1e-5))
+    assert ledger.spent_epsilon() == pytest.approx(compose_epsilon([QUERY.mechanism], 1e-5))
+    assert ledger.spent_epsilon([FINETUNE.mechanism]) == pytest.approx(
+        compose_epsilon([QUERY.mechanism, FINETUNE.mechanism], 1e-5))
 
 
 def test_overspending_is_refused_and_leaves_the_file_unchanged(tmp_path) -> None:
@@ -62,7 +69,7 @@ def test_overspending_is_refused_and_leaves_the_file_unchanged(tmp_path) -> None
     ledger = PrivacyLedger.open(path, 2.0, 1e-5)
     ledger.book(QUERY)
     before = path.read_bytes()
-    with pytest.raises(UserError, match="privacy.epsilon"):
+    with pytest.raises(UserError, match="over the target"):
         ledger.book(GREEDY)
     assert path.read_bytes() == before
     assert ledger.entries == [QUERY]
@@ -111,7 +118,7 @@ def test_released_steps_are_recorded_and_only_go_up(tmp_path) -> None:
     with pytest.raises(ValueError):
         ledger.record_release("finetune", "", 1)  # never down
     with pytest.raises(ValueError):
-        ledger.record_release("finetune", "", FINETUNE.steps + 1)  # never past the booking
+        ledger.record_release("finetune", "", FINETUNE.mechanism.steps + 1)  # never past the booking
     with pytest.raises(ValueError):
         ledger.record_release("semantics", "", 1)  # never without a booking
 
@@ -146,7 +153,7 @@ def test_a_ledger_over_its_target_is_refused_on_open(tmp_path) -> None:
     path = tmp_path / "privacy.json"
     PrivacyLedger.open(path, 10.0, 1e-5).book(QUERY)
     tampered = json.loads(path.read_text())
-    tampered["entries"].append(GREEDY.to_dict())  # ε far above 10
+    tampered["entries"].append(GREEDY.to_dict(0))  # ε far above 10
     path.write_text(json.dumps(tampered))
     with pytest.raises(UserError, match="not within its target"):
         PrivacyLedger.open(path, 10.0, 1e-5)

@@ -15,6 +15,7 @@ import pytest
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.pipeline import Pipeline
+from privimage.privacy.ledger import Booking
 from privimage.semantics.stage import query_mechanism
 
 pytestmark = pytest.mark.slow
@@ -60,7 +61,7 @@ def test_a_query_booked_before_a_kill_is_not_booked_again(tmp_path, cache_dir):
     cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}"])
     pipeline = Pipeline.open(cfg, tmp_path / "r")
     release = pipeline.stage_fingerprint("semantics")
-    pipeline.ledger.book(query_mechanism(cfg, release))  # booked, then killed before semantics.json
+    pipeline.ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked, then killed before semantics.json
     pipeline.run_stage("semantics")
     assert [m.stage for m in pipeline.ledger.reread().entries] == ["semantics"]
     pipeline.run_stage("semantics", force=True)  # semantics.json holds this release: reused, not redone

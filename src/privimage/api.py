@@ -35,7 +35,8 @@ from privimage.diffusion.synthesize import safe_folder_name, generate
 from privimage.diffusion.train import MODEL_FILE, load_denoiser
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
-from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.privacy.accountant import compose_epsilon
+from privimage.privacy.ledger import Booking
 from privimage.rundir import RunDir, atomic_path, read_json
 
 logger = logging.getLogger(__name__)
@@ -232,10 +233,11 @@ class PrivImage:
             return {"epsilon": 0.0, "delta": 0.0, "stages": {}, "target": target, "accountant": self.cfg.privacy.accountant}
         ledger = read_json(ledger_file)
         delta, accountant = ledger["target"]["delta"], ledger["accountant"]
-        entries = [Mechanism.from_dict(entry) for entry in ledger["entries"]]
-        stages = {stage: compose_epsilon([m for m in entries if m.stage == stage], delta, accountant)
-                  for stage in dict.fromkeys(m.stage for m in entries)}
-        return {"epsilon": compose_epsilon(entries, delta, accountant), "delta": delta if entries else 0.0,
+        entries = [Booking.from_dict(entry) for entry in ledger["entries"]]
+        stages = {stage: compose_epsilon([b.mechanism for b in entries if b.stage == stage], delta, accountant)
+                  for stage in dict.fromkeys(b.stage for b in entries)}
+        return {"epsilon": compose_epsilon([b.mechanism for b in entries], delta, accountant),
+                "delta": delta if entries else 0.0,
                 "stages": stages, "target": ledger["target"], "accountant": accountant}
 
     @property

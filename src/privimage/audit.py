@@ -121,7 +121,7 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
         "delta": delta,
         "dp_noise": dp_noise,
         "canaries": a.canaries, "guesses": total, "correct_guesses": correct, "beta": a.beta,
-        "sample_rate": ledger.find("finetune").sample_rate,
+        "sample_rate": ledger.find("finetune").mechanism.sample_rate,
         "method": "one-run audit, Steinke, Nasr & Jagielski 2023, (ε, δ) bound; score = |loss change when the "
                   "canary's label row is reset|; public images + canaries, no sensitive data",
     }

@@ -144,7 +144,7 @@ def budget(
     accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
 ) -> None:
     """Calibrate DP-SGD's noise so that query + DP-SGD meet (ε, δ); prints one JSON object."""
-    from privimage.privacy.accountant import budget as compute_budget
+    from privimage.privacy.accountant import FixedReleasesExceedTarget, NoiseBeyondLimit, budget as compute_budget
 
     if not 0 < sample_rate <= 1:
         raise UserError(f"--sample-rate must be in (0, 1] (got {sample_rate})")
@@ -154,7 +154,12 @@ def budget(
         raise UserError(f"--accountant must be rdp or prv (got {accountant})")
     if epsilon <= 0 or not 0 < delta < 1 or query_sigma < 0:
         raise UserError("need --epsilon > 0, 0 < --delta < 1 and --query-sigma >= 0")
-    print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
+    try:
+        print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
+    except FixedReleasesExceedTarget as error:
+        raise UserError(f"{error}: raise --query-sigma or --epsilon") from None
+    except NoiseBeyondLimit as error:
+        raise UserError(f"{error}: raise --epsilon or lower --steps") from None
 
 
 @app.command()

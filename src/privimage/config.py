@@ -152,6 +152,16 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+    _check(isinstance(cfg.sample.steps, int) and cfg.sample.steps >= 1,
+           f"sample.steps must be an integer >= 1, e.g. 18 (got {cfg.sample.steps})")
+    m = cfg.model
+    levels = len(m.channel_mult)
+    _check(levels >= 1, "model.channel_mult is empty: give one multiplier per resolution level, e.g. [1, 2, 2]")
+    _check(cfg.data.resolution % 2 ** (levels - 1) == 0,
+           f"model.channel_mult has {levels} levels, which need data.resolution divisible by {2 ** (levels - 1)} "
+           f"(got {cfg.data.resolution}): use fewer levels or another resolution")
+    _check(isinstance(m.base_channels, int) and m.base_channels >= 2 and m.base_channels % 2 == 0,
+           f"model.base_channels must be an even integer such as 32 (got {m.base_channels})")
     e = cfg.evaluate
     _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
            f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")

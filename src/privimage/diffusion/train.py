@@ -27,9 +27,10 @@ from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.unet import UNet
 from privimage.errors import UserError
-from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier, compose_epsilon
+from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit,
+                                          calibrate_noise_multiplier, compose_epsilon)
 from privimage.privacy.dpsgd import DPSGD, poisson_batches
-from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source
 
@@ -211,11 +212,14 @@ def finetune_steps(cfg: DictConfig, num_samples: float) -> tuple[float, int]:
 def plan_finetune(cfg: DictConfig, num_samples: float, fixed: list[Mechanism]) -> Mechanism:
     """The DP-SGD mechanism whose composition with `fixed` meets the target ε exactly (calibrated σ)."""
     sample_rate, steps = finetune_steps(cfg, num_samples)
-    sigma = calibrate_noise_multiplier(
-        cfg.privacy.epsilon, cfg.privacy.delta, sample_rate, steps, fixed=fixed, accountant=cfg.privacy.accountant
-    )
-    return Mechanism(stage="finetune", mechanism="subsampled_gaussian", noise_multiplier=sigma,
-                     sample_rate=sample_rate, steps=steps)
+    try:
+        sigma = calibrate_noise_multiplier(cfg.privacy.epsilon, cfg.privacy.delta, sample_rate, steps, fixed=fixed,
+                                           accountant=cfg.privacy.accountant)
+    except FixedReleasesExceedTarget as error:
+        raise UserError(f"{error}: raise semantics.query_sigma or privacy.epsilon") from None
+    except NoiseBeyondLimit as error:
+        raise UserError(f"{error}: raise privacy.epsilon or lower finetune.steps") from None
+    return Mechanism(sigma, sample_rate, steps)
 
 
 def finetune(
@@ -240,20 +244,21 @@ def finetune(
     f = cfg.finetune
     folder = run.finetune_dir
     ledger = ledger.reread()  # under torchrun only rank 0 booked the earlier stages
-    mechanism = ledger.find("finetune")
-    earlier = [m for m in ledger.entries if m.stage != "finetune"]
-    if mechanism is None:
+    booking = ledger.find("finetune")
+    earlier = ledger.mechanisms(excluding_stage="finetune")
+    if booking is None:
         # Deterministic, so the same on every rank; `release` lets a killed run find its booking.
-        mechanism = dataclasses.replace(plan_finetune(cfg, planned_size or len(sensitive), earlier), release=release)
+        booking = Booking("finetune", plan_finetune(cfg, planned_size or len(sensitive), earlier), release)
         if distributed.is_main():
-            ledger.book(mechanism)  # the whole planned spend, before the first noisy step
+            ledger.book(booking)  # the whole planned spend, before the first noisy step
         distributed.barrier()
-    elif mechanism.release != release:
+    elif booking.release != release:
         raise UserError(
             f"{run.root} has spent its fine-tuning budget with other settings (finetune, pretraining or "
             "semantics changed since): restore them, or use a new --out for the new settings"
         )
     released = ledger.reread().released_steps("finetune", release)
+    mechanism = booking.mechanism
 
     torch.manual_seed(cfg.seed)
     net = build_denoiser(cfg, sensitive.num_classes)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -35,15 +36,35 @@ log = logging.getLogger(__name__)
 OVERSPEND_SLACK = 1e-9  # relative: absorbs float noise in the accountant, nothing more
 
 
+@dataclass(frozen=True)
+class Booking:
+    """A mechanism booked by a stage for one release (the stage's config fingerprint).
+
+    The release lets a stage killed after booking find its booking when rerun and not pay twice.
+    """
+
+    stage: str
+    mechanism: Mechanism
+    release: str = ""
+
+    def to_dict(self, released_steps: int) -> dict:
+        return {"stage": self.stage, **self.mechanism.to_dict(), "release": self.release,
+                "released_steps": released_steps}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Booking:
+        return cls(str(d["stage"]), Mechanism.from_dict(d), str(d.get("release", "")))
+
+
 class PrivacyLedger:
-    """The mechanisms booked against one run's (ε, δ) target, mirrored to a JSON file.
+    """The bookings against one run's (ε, δ) target, mirrored to a JSON file.
 
     Every change rereads the file first, so a ledger object never writes over entries it has not seen.
     (One process per run directory is enforced by the run-directory lock, not here.)
     """
 
     def __init__(self, path: Path, target_epsilon: float, target_delta: float, accountant: str,
-                 entries: list[Mechanism], released: list[int]):
+                 entries: list[Booking], released: list[int]):
         self.path = path
         self.target_epsilon = target_epsilon
         self.target_delta = target_delta
@@ -80,7 +101,7 @@ class PrivacyLedger:
             data = read_json(path)
             target_epsilon, target_delta = float(data["target"]["epsilon"]), float(data["target"]["delta"])
             accountant = str(data["accountant"])
-            entries = [Mechanism.from_dict(entry) for entry in data["entries"]]
+            entries = [Booking.from_dict(entry) for entry in data["entries"]]
             released = [int(entry.get("released_steps", 0)) for entry in data["entries"]]
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise UserError(f"{path} is not a valid privacy ledger ({err}): use a new --out") from err
@@ -100,8 +121,11 @@ class PrivacyLedger:
         self.entries, self.released = fresh.entries, fresh.released
 
     def spent_epsilon(self, extra: Sequence[Mechanism] = ()) -> float:
-        """Composed ε of the booked entries, plus `extra` ones (to ask "what if")."""
-        return compose_epsilon([*self.entries, *extra], self.target_delta, self.accountant)
+        """Composed ε of the booked mechanisms, plus `extra` ones (to ask "what if")."""
+        return compose_epsilon([*self.mechanisms(), *extra], self.target_delta, self.accountant)
+
+    def mechanisms(self, excluding_stage: str | None = None) -> list[Mechanism]:
+        return [b.mechanism for b in self.entries if b.stage != excluding_stage]
 
     def _within_target(self, spent: float) -> bool:
         return math.isfinite(spent) and spent <= self.target_epsilon * (1 + OVERSPEND_SLACK)
@@ -111,7 +135,7 @@ class PrivacyLedger:
                      if self.entries[i].stage == stage and (release is None or self.entries[i].release == release)),
                     None)
 
-    def find(self, stage: str, release: str | None = None) -> Mechanism | None:
+    def find(self, stage: str, release: str | None = None) -> Booking | None:
         """The latest entry booked by `stage` (for `release`, if given), or None."""
         index = self._index(stage, release)
         return None if index is None else self.entries[index]
@@ -121,19 +145,19 @@ class PrivacyLedger:
         index = self._index(stage, release)
         return 0 if index is None else self.released[index]
 
-    def book(self, mechanism: Mechanism) -> None:
-        """Record `mechanism` on disk, or refuse (leaving the ledger as it was) if it breaks the target."""
+    def book(self, booking: Booking) -> None:
+        """Record `booking` on disk, or refuse (leaving the ledger as it was) if it breaks the target."""
         self._refresh()
-        spent = self.spent_epsilon([mechanism])
+        spent = self.spent_epsilon([booking.mechanism])
         if not self._within_target(spent):
             raise UserError(
-                f"stage {mechanism.stage} would bring the spent ε to {spent:.4g}, over the target "
+                f"stage {booking.stage} would bring the spent ε to {spent:.4g}, over the target "
                 f"{self.target_epsilon:g} (already spent {self.spent_epsilon():.4g}): "
-                "raise privacy.epsilon or use a new --out"
+                "use a new run directory, or a larger target there"
             )
-        self._write([*self.entries, mechanism], [*self.released, 0])
-        log.info("privacy: booked %s (σ=%.4g); spent ε=%.4g of %g", mechanism.stage,
-                 mechanism.noise_multiplier, spent, self.target_epsilon)
+        self._write([*self.entries, booking], [*self.released, 0])
+        log.info("privacy: booked %s (σ=%.4g); spent ε=%.4g of %g", booking.stage,
+                 booking.mechanism.noise_multiplier, spent, self.target_epsilon)
 
     def record_release(self, stage: str, release: str, steps: int) -> None:
         """Durably note that `steps` steps of the booking (stage, release) are about to leave the process.
@@ -145,19 +169,19 @@ class PrivacyLedger:
         index = self._index(stage, release)
         if index is None:
             raise ValueError(f"no booking of {stage} for release {release!r}: book before releasing")
-        if not self.released[index] <= steps <= self.entries[index].steps:
-            raise ValueError(f"{stage}: cannot record {steps} released steps (booked {self.entries[index].steps}, "
+        if not self.released[index] <= steps <= self.entries[index].mechanism.steps:
+            raise ValueError(f"{stage}: cannot record {steps} released steps (booked {self.entries[index].mechanism.steps}, "
                              f"already released {self.released[index]})")
         released = list(self.released)
         released[index] = steps
         self._write(self.entries, released)
 
-    def _write(self, entries: list[Mechanism], released: list[int]) -> None:
-        spent = compose_epsilon(entries, self.target_delta, self.accountant)
+    def _write(self, entries: list[Booking], released: list[int]) -> None:
+        spent = compose_epsilon([b.mechanism for b in entries], self.target_delta, self.accountant)
         write_json(self.path, {
             "target": {"epsilon": self.target_epsilon, "delta": self.target_delta},
             "accountant": self.accountant,
-            "entries": [m.to_dict() | {"released_steps": n} for m, n in zip(entries, released)],
+            "entries": [b.to_dict(n) for b, n in zip(entries, released)],
             "spent": {"epsilon": spent, "delta": self.target_delta if entries else 0.0},
         })
         self.entries, self.released = entries, released

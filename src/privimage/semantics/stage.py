@@ -16,7 +16,7 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.nets import ResNetGN, SmallCNN, predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
-from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir, read_json, write_json
 from privimage.runtime import dp_noise_source
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
@@ -24,10 +24,9 @@ from privimage.semantics.query import noisy_histogram, select_semantics, top_k_c
 PRIVATE_SEMANTICS_FILE = "semantics.json"  # under private/: statistics of the sensitive test split
 
 
-def query_mechanism(cfg: DictConfig, release: str = "") -> Mechanism:
+def query_mechanism(cfg: DictConfig) -> Mechanism:
     """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
-    return Mechanism(stage="semantics", mechanism="gaussian", noise_multiplier=float(cfg.semantics.query_sigma),
-                     release=release)
+    return Mechanism(float(cfg.semantics.query_sigma))
 
 
 def build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
@@ -130,7 +129,7 @@ def run_semantics(
     votes = top_k_classes(predict_logits(model, sensitive_train.images, device=str(device)), s.k)
     hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
     if not booked:
-        ledger.book(query_mechanism(cfg, release))  # booked before the noisy result exists, let alone is used
+        ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked before the noisy result exists, let alone is used
     noisy = noisy_histogram(hist, s.query_sigma, s.k, dp_noise_source(cfg.privacy.secure_rng))
     del hist
     picks = select_semantics(noisy, per_class)
