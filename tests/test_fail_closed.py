@@ -23,6 +23,11 @@ from privimage.privacy.dpsgd import DPSGD
 FINETUNE = ["finetune.steps=6", "finetune.checkpoint_every=3"]
 
 
+def opened(cfg, out) -> Pipeline:
+    """Validate, then lock and create the run directory, as the CLI does."""
+    return Pipeline(cfg, out).validate().create()
+
+
 def quick(cache_dir, *overrides):
     return load_config("quick", None, [f"data.cache_dir={cache_dir}", *FINETUNE, *overrides])
 
@@ -31,7 +36,7 @@ def quick(cache_dir, *overrides):
 def finetuned(tmp_path_factory, cache_dir):
     """A quick run through DP fine-tuning, copied by each test that changes it."""
     root = tmp_path_factory.mktemp("fail-closed") / "run"
-    pipeline = Pipeline.open(quick(cache_dir), root)
+    pipeline = opened(quick(cache_dir), root)
     for stage in ("semantics", "pretrain", "finetune"):
         pipeline.run_stage(stage)
     pipeline.close()
@@ -51,7 +56,7 @@ def scalars(run, tag: str) -> list:
 
 def test_an_interrupt_between_checkpoints_releases_no_step_twice(tmp_path, cache_dir, monkeypatch):
     """Ctrl-C at step 5 of 6 (checkpoint at 3), rerun: 6 noisy losses were released, 6 charged (not 4 + 3)."""
-    pipeline = Pipeline.open(quick(cache_dir), tmp_path / "run")
+    pipeline = opened(quick(cache_dir), tmp_path / "run")
     pipeline.run_stage("semantics")
     pipeline.run_stage("pretrain")
     real_step, calls = DPSGD.step, []
@@ -83,7 +88,7 @@ def test_a_released_query_whose_file_is_gone_is_not_queried_again(finetuned, tmp
     run = copy_of(finetuned, tmp_path)
     before = (run / "privacy.json").read_bytes()
     (run / "semantics.json").unlink()
-    pipeline = Pipeline.open(quick(cache_dir), run)
+    pipeline = opened(quick(cache_dir), run)
     with pytest.raises(UserError, match="use a new --out"):
         pipeline.run_stage("semantics", force=True)
     assert (run / "privacy.json").read_bytes() == before
@@ -93,7 +98,7 @@ def test_a_released_finetune_whose_checkpoint_is_gone_does_not_train_again(finet
     run = copy_of(finetuned, tmp_path)
     before = (run / "privacy.json").read_bytes()
     (run / "finetune" / "checkpoint.safetensors").unlink()
-    pipeline = Pipeline.open(quick(cache_dir), run)
+    pipeline = opened(quick(cache_dir), run)
     with pytest.raises(UserError, match="use a new --out"):
         pipeline.run_stage("finetune", force=True)
     assert (run / "privacy.json").read_bytes() == before
@@ -106,20 +111,20 @@ def test_an_uncommitted_checkpoint_is_discarded_and_a_committed_one_kept(finetun
     final = run / "finetune" / "checkpoint.safetensors"
     shutil.copy(final, run / "finetune" / "checkpoint.next.safetensors")  # killed after commit, before rename
     final.unlink()
-    Pipeline.open(quick(cache_dir), run).run_stage("finetune", force=True)
+    opened(quick(cache_dir), run).run_stage("finetune", force=True)
     assert final.exists() and not (run / "finetune" / "checkpoint.next.safetensors").exists()
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(finetuned, tmp_path, cache_dir):
     run = copy_of(finetuned, tmp_path)
-    holder = Pipeline.open(quick(cache_dir), run)
+    holder = opened(quick(cache_dir), run)
     with pytest.raises(UserError, match=f"pid {os.getpid()}"):
-        Pipeline.open(quick(cache_dir), run)
+        opened(quick(cache_dir), run)
     result = subprocess.run([sys.executable, "-m", "privimage", "finetune", "--out", str(run)], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
     assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr
     holder.close()
-    Pipeline.open(quick(cache_dir), run).close()  # free again once the holder is done
+    opened(quick(cache_dir), run).close()  # free again once the holder is done
 
 
 @pytest.mark.parametrize("lost", ["privacy.json", "private/split.key"])
@@ -127,7 +132,7 @@ def test_a_run_directory_with_results_but_no_ledger_or_split_key_is_refused(fine
     run = copy_of(finetuned, tmp_path)
     (run / lost).unlink()
     with pytest.raises(UserError, match="use a new --out"):
-        Pipeline.open(quick(cache_dir), run)
+        opened(quick(cache_dir), run)
     assert not (run / lost).exists()  # never recreated empty
 
 

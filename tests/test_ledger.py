@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from privimage import rundir
+from privimage import atomic
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, compose_epsilon
 from privimage.privacy.ledger import Booking, PrivacyLedger
@@ -99,7 +99,7 @@ def test_a_failed_write_keeps_the_old_file_and_entries(tmp_path, monkeypatch) ->
     def crash(src, dst):  # the process dies between writing the temporary file and renaming it
         raise OSError("disk gone")
 
-    monkeypatch.setattr(rundir.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)
     with pytest.raises(OSError):
         ledger.book(FINETUNE)
     monkeypatch.undo()

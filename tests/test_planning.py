@@ -13,6 +13,11 @@ THROUGHPUT = {"pretrain_step": 0.12, "dp_sample": 0.006, "denoiser_image": 0.000
               "classifier_resnet_image_epoch": 0.0015, "inception_image": 0.15}  # about a 2-core machine
 
 
+def opened(cfg, out) -> Pipeline:
+    """Validate, then lock and create the run directory, as the CLI does."""
+    return Pipeline(cfg, out).validate().create()
+
+
 def test_plan_scales_the_recipe_to_fit_the_seconds_left():
     cfg = load_config(None, None, ["minutes=15"])
     plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
@@ -35,7 +40,7 @@ def test_a_budget_too_small_for_one_step_is_a_user_error():
 
 def test_the_plan_is_made_before_the_data_is_touched_and_kept_by_the_run_directory(tmp_path, cache_dir, monkeypatch):
     cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30"])
-    pipeline = Pipeline.open(cfg, tmp_path / "run")
+    pipeline = opened(cfg, tmp_path / "run")
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert pipeline.cfg.pretrain.steps == plan["pretrain_steps"] >= 1
     assert pipeline.cfg.finetune.steps == plan["finetune_steps"] >= 1
@@ -48,6 +53,6 @@ def test_the_plan_is_made_before_the_data_is_touched_and_kept_by_the_run_directo
         raise AssertionError("a resumed run must keep its plan, not probe again")
 
     monkeypatch.setattr("privimage.pipeline.probe", no_probe)
-    again = Pipeline.open(load_config(None, None, [], saved=tmp_path / "run" / "config.yaml"), tmp_path / "run")
+    again = opened(load_config(None, None, [], saved=tmp_path / "run" / "config.yaml"), tmp_path / "run")
     assert again.cfg.finetune.steps == plan["finetune_steps"]
     again.close()

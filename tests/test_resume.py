@@ -23,6 +23,11 @@ pytestmark = pytest.mark.slow
 COMMAND = [sys.executable, "-m", "privimage", "run", "--preset", "quick", "--out", "r"]
 
 
+def opened(cfg, out) -> Pipeline:
+    """Validate, then lock and create the run directory, as the CLI does."""
+    return Pipeline(cfg, out).validate().create()
+
+
 def kill_during(stage_before: str, root, env, rng) -> None:
     """Start the run, wait until `stage_before` has finished, then SIGKILL it a random moment later."""
     process = subprocess.Popen(COMMAND, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -59,7 +64,7 @@ def test_killed_runs_resume_with_an_exact_ledger_and_whole_artifacts(tmp_path, c
 
 def test_a_query_booked_before_a_kill_is_not_booked_again(tmp_path, cache_dir):
     cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}"])
-    pipeline = Pipeline.open(cfg, tmp_path / "r")
+    pipeline = opened(cfg, tmp_path / "r")
     release = pipeline.stage_fingerprint("semantics")
     pipeline.ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked, then killed before semantics.json
     pipeline.run_stage("semantics")

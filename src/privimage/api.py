@@ -37,7 +37,8 @@ from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
 from privimage.privacy.accountant import compose_epsilon
 from privimage.privacy.ledger import Booking
-from privimage.rundir import RunDir, atomic_path, read_json
+from privimage.atomic import atomic_path, read_json
+from privimage.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,8 @@ from privimage.checkpoint import load_checkpoint
 from privimage.errors import UserError
 from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
 from privimage.privacy.ledger import PrivacyLedger
-from privimage.rundir import RunDir, write_json, write_text
+from privimage.atomic import write_json, write_text
+from privimage.rundir import RunDir
 from privimage.runtime import resolve_device
 
 CANARY_BLOCK = 4  # pixels per side of a canary's random blocks

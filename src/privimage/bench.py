@@ -21,7 +21,8 @@ from privimage.diffusion.train import MODEL_FILE
 from privimage.errors import UserError
 from privimage.methods import METHODS
 from privimage.report.figures import figure_png
-from privimage.rundir import RunDir, read_json, write_bytes, write_text
+from privimage.atomic import read_json, write_bytes, write_text
+from privimage.rundir import RunDir
 
 STAGE_COLUMNS = ("semantics", "pretrain", "finetune", "sample", "evaluate")
 

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from privimage.errors import UserError
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 METADATA_KEY = "privimage"
 

@@ -5,8 +5,8 @@ holding a fingerprint of everything it depends on (its config sections and its u
 fingerprints). A stage whose marker matches is skipped; changing `sample.n` reruns sampling and
 what follows, never the privacy-spending stages before it.
 
-Everything that can be wrong with the input (config, data, budget) is checked by `Pipeline.open`
-before the run directory is touched, so a bad input never leaves a half-made run behind.
+Everything that can be wrong with the input (config, data, budget) is checked by `Pipeline.validate`
+before `create` touches the run directory, so a bad input never leaves a half-made run behind.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.report.html import write_report
-from privimage.rundir import RunDir, atomic_path, read_json, write_bytes, write_json, write_text
+from privimage.atomic import atomic_path, read_json, write_bytes, write_json, write_text
+from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
 from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
 from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics, semantic_classifier_is_cached
@@ -119,11 +120,6 @@ class Pipeline:
             {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
              "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
         return plan
-
-    @classmethod
-    def open(cls, cfg: DictConfig, out: str | Path) -> "Pipeline":
-        """Validate everything, then create (or reopen) the run directory and its ledger."""
-        return cls(cfg, Path(out)).validate().create()
 
     def create(self) -> "Pipeline":
         """Lock and create (or reopen) the run directory, its config.yaml, ledger and split key.

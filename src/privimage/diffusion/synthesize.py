@@ -20,7 +20,8 @@ from privimage import distributed
 from privimage.data import ImageDataset, to_uint8
 from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
-from privimage.rundir import RunDir, atomic_path, write_bytes
+from privimage.atomic import atomic_path, write_bytes
+from privimage.rundir import RunDir
 
 GRID_COLUMNS = 10
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from privimage.errors import UserError
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ from privimage.evaluation.downstream import downstream_accuracy
 from privimage.evaluation.fid import InceptionFeatures, feature_stats, fid_from_stats
 from privimage.evaluation.manifold import precision_recall
 from privimage.evaluation.memorization import closest_pairs_figure, memorization
-from privimage.rundir import RunDir, write_bytes, write_json
+from privimage.atomic import write_bytes, write_json
+from privimage.rundir import RunDir
 
 
 def load_synthetic(run: RunDir) -> ImageDataset:

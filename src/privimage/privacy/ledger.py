@@ -29,7 +29,7 @@ from typing import Sequence
 
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, compose_epsilon
-from privimage.rundir import read_json, write_json
+from privimage.atomic import read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from privimage.privacy.accountant import compose_epsilon
 from privimage.privacy.ledger import Booking
 from privimage.report.figures import figure_png, image_grid, png_bytes
 from privimage.report.summary import privacy_by_stage
-from privimage.rundir import RunDir, read_json, write_text
+from privimage.atomic import read_json, write_text
+from privimage.rundir import RunDir
 
 EXAMPLES = 8
 CURVE_POINTS = 40

@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 from privimage.privacy.accountant import Mechanism, compose_epsilon
-from privimage.rundir import RunDir, read_json
+from privimage.atomic import read_json
+from privimage.rundir import RunDir
 
 
 def privacy_by_stage(run: RunDir) -> tuple[list[tuple[str, float]], dict]:

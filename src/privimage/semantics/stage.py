@@ -17,7 +17,8 @@ from privimage.errors import UserError
 from privimage.nets import ResNetGN, SmallCNN, predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import Booking, PrivacyLedger
-from privimage.rundir import RunDir, read_json, write_json
+from privimage.atomic import read_json, write_json
+from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
 
