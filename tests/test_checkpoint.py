@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from privimage.checkpoint import load_checkpoint, save_checkpoint, state_from_tensors, state_tensors
+from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.diffusion import EMA, EDMPrecond, UNet, edm_loss
+from privimage.diffusion.training import Checkpointer
 from privimage.errors import UserError
 
 
@@ -23,22 +24,16 @@ def train_step(model: nn.Module, ema: EMA, optimizer: torch.optim.Optimizer, see
     ema.update(model)
 
 
-def test_round_trip_of_model_ema_and_adam_resumes_training_exactly(tmp_path: Path) -> None:
+def test_the_training_checkpoint_resumes_model_ema_and_adam_exactly(tmp_path: Path) -> None:
     model, ema, optimizer = make_training_state(seed=0)
     for step in range(2):
         train_step(model, ema, optimizer, seed=step)
-    tensors, structure = state_tensors(
-        {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict()})
-    assert "optimizer.state.0.exp_avg" in tensors and "ema.module.unet.input_conv.weight" in tensors
-    save_checkpoint(tmp_path / "ckpt.safetensors", tensors, {"step": 2, "state": structure})
+    committed = []
+    Checkpointer(tmp_path, model, ema, optimizer, commit=committed.append).save(2)
+    assert committed == [2] and [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
 
-    loaded_tensors, metadata = load_checkpoint(tmp_path / "ckpt.safetensors")
-    assert metadata["step"] == 2
-    state = state_from_tensors(loaded_tensors, metadata["state"])
     resumed_model, resumed_ema, resumed_optimizer = make_training_state(seed=1)
-    resumed_model.load_state_dict(state["model"])
-    resumed_ema.load_state_dict(state["ema"])
-    resumed_optimizer.load_state_dict(state["optimizer"])
+    assert Checkpointer(tmp_path, resumed_model, resumed_ema, resumed_optimizer).restore(committed=2) == 2
     assert resumed_ema.num_updates == 2
     assert set(resumed_optimizer.state_dict()["state"]) == set(optimizer.state_dict()["state"])  # int keys kept
 
@@ -51,18 +46,11 @@ def test_round_trip_of_model_ema_and_adam_resumes_training_exactly(tmp_path: Pat
         assert torch.equal(expected, actual)
 
 
-def test_state_structure_keeps_containers_and_scalars() -> None:
-    state = {"a": [torch.ones(2), (3, 0.5)], 7: {"flag": True, "none": None, "name": "x"}}
-    tensors, structure = state_tensors(state, prefix="s")
-    assert list(tensors) == ["s.a.0"]
-    restored = state_from_tensors(tensors, structure)
-    assert restored[7] == {"flag": True, "none": None, "name": "x"}
-    assert restored["a"][1] == (3, 0.5) and torch.equal(restored["a"][0], torch.ones(2))
-
-
-def test_state_tensors_rejects_unstorable_values() -> None:
-    with pytest.raises(TypeError, match="set"):
-        state_tensors({"bad": {1, 2}})
+def test_a_checkpoint_that_disagrees_with_the_ledger_refuses(tmp_path: Path) -> None:
+    model, ema, optimizer = make_training_state(seed=0)
+    Checkpointer(tmp_path, model, ema, optimizer).save(3)
+    with pytest.raises(UserError, match="records 5 fine-tuning steps as released but .* holds step 3"):
+        Checkpointer(tmp_path, model, ema, optimizer).restore(committed=5)
 
 
 def test_truncated_checkpoint_is_a_user_error_naming_the_file(tmp_path: Path) -> None:

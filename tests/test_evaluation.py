@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from privimage import nets
+from privimage import classifiers
 from privimage.errors import UserError
 from privimage.evaluation import (
     InceptionFeatures,
@@ -197,14 +197,14 @@ def test_downstream_augmentation_reaches_the_training_batches(monkeypatch):
     """Training batches are distorted at the strength asked for, and left untouched at 0."""
     images, labels = stripes(32, seed=0)
     batches = []
-    distort = nets._distort
+    distort = classifiers._distort
 
     def recording_distort(x, generator, strength=1.0):
         out = distort(x, generator, strength)
         batches.append((strength, torch.equal(out, x)))
         return out
 
-    monkeypatch.setattr(nets, "_distort", recording_distort)
+    monkeypatch.setattr(classifiers, "_distort", recording_distort)
     synthetic = SimpleNamespace(images=images, labels=labels)
     for strength, unchanged in ((0.0, True), (1.0, False)):
         batches.clear()

@@ -138,7 +138,7 @@ def test_a_run_directory_with_results_but_no_ledger_or_split_key_is_refused(fine
 
 def test_evaluation_measures_against_the_test_split_and_caches_only_in_private(tmp_path, monkeypatch):
     """FID/precision/recall use test images; their features stay in the run's private/ folder (0700/0600)."""
-    from privimage.evaluation import stage
+    from privimage.stages import evaluate as stage
     from privimage.rundir import RunDir
 
     seen = []

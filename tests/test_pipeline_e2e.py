@@ -116,10 +116,10 @@ def test_no_exact_sensitive_statistic_reaches_any_file_or_the_terminal(quick_run
     """Scans everything the run wrote, and its stdout/stderr, for the true class counts and raw vote rows."""
     from omegaconf import OmegaConf
 
-    from privimage.nets import predict_logits
+    from privimage.classifiers import predict_logits
     from privimage.pipeline import Pipeline
     from privimage.semantics.query import top_k_classes, vote_histogram
-    from privimage.semantics.stage import semantic_classifier
+    from privimage.stages.semantics import semantic_classifier
 
     run, first = quick_run
     cfg = OmegaConf.load(run / "config.yaml")

@@ -16,7 +16,7 @@ from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.pipeline import Pipeline
 from privimage.privacy.ledger import Booking
-from privimage.semantics.stage import query_mechanism
+from privimage.stages.semantics import query_mechanism
 
 pytestmark = pytest.mark.slow
 

@@ -31,8 +31,8 @@ from PIL import Image
 from privimage.config import load_config
 from privimage.data.geometry import square_resize
 from privimage.data.user import convert_image
-from privimage.diffusion.synthesize import safe_folder_name, generate
-from privimage.diffusion.train import MODEL_FILE, load_denoiser
+from privimage.stages.pretrain import MODEL_FILE, load_denoiser
+from privimage.stages.sample import generate, safe_folder_name
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
 from privimage.privacy.accountant import compose_epsilon

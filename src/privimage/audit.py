@@ -28,16 +28,19 @@ from omegaconf import DictConfig, OmegaConf
 from privimage.config import to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
-from privimage.diffusion.train import CHECKPOINT_FILE, build_denoiser, finetune, plan_finetune
-from privimage.checkpoint import load_checkpoint
+from privimage.diffusion.training import CHECKPOINT_FILE
+from privimage.stages.finetune import finetune, plan_finetune
+from privimage.stages.pretrain import build_denoiser
+from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.errors import UserError
 from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.atomic import write_json, write_text
 from privimage.rundir import RunDir
-from privimage.runtime import resolve_device
+from privimage.runtime import resolve_device, seeded
 
 CANARY_BLOCK = 4  # pixels per side of a canary's random blocks
+INITIAL_WEIGHTS_FILE = "initial.safetensors"  # what fine-tuning starts from: the label rows are reset to it
 
 
 def make_canaries(count: int, resolution: int, channels: int, rng: np.random.Generator) -> np.ndarray:
@@ -54,8 +57,7 @@ def diffusion_losses(net: EDMPrecond, images: np.ndarray, labels: np.ndarray, *,
     """Each image's EDM training loss (no label dropout), averaged over `draws` draws fixed by `seed`."""
     x, y = to_tensor(images).to(device), torch.as_tensor(labels, device=device)
     total = torch.zeros(len(x), dtype=torch.float64)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with seeded(seed, device):
         for _ in range(draws):
             losses = edm_loss(net, x, y, num_classes=net.unet.num_classes, sigma_data=sigma_data, label_dropout=0.0)
             total += losses.double().cpu()
@@ -96,16 +98,17 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
     lock = run.lock()
     write_text(run.config, to_yaml(cfg))
     ledger = PrivacyLedger.open(run.ledger, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
-    finetune(cfg, run, ledger, data, None, device, dp_noise=dp_noise, planned_size=planned_size)
+    with seeded(cfg.seed):
+        initial = build_denoiser(cfg, data.num_classes)
+    save_checkpoint(run.root / INITIAL_WEIGHTS_FILE, initial.state_dict(), {"stage": "audit"})
+    finetune(cfg, run, ledger, data, run.root / INITIAL_WEIGHTS_FILE, device, dp_noise=dp_noise,
+             planned_size=planned_size)
 
-    trained = build_denoiser(cfg, data.num_classes)
+    trained = copy.deepcopy(initial)
     tensors, _ = load_checkpoint(run.finetune_dir / CHECKPOINT_FILE)
     trained.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     labels_reset = copy.deepcopy(trained)
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)  # the initial weights fine-tuning started from (diffusion/train.py)
-        initial = build_denoiser(cfg, data.num_classes)
-    labels_reset.unet.class_embed.load_state_dict(initial.unet.class_embed.state_dict())
+    labels_reset.unet.class_embed.load_state_dict(initial.unet.class_embed.state_dict())  # the rows it started from
     options = dict(draws=a.score_draws, seed=cfg.seed, sigma_data=cfg.model.sigma_data, device=device)
     losses = [diffusion_losses(net.to(device).eval(), canaries, canary_labels, **options)
               for net in (trained, labels_reset)]

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
-from privimage.diffusion.train import MODEL_FILE
+from privimage.stages.pretrain import MODEL_FILE
 from privimage.errors import UserError
 from privimage.methods import METHODS
 from privimage.report.figures import figure_png

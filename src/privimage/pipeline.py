@@ -21,26 +21,23 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from privimage import distributed
+from privimage.atomic import read_json, write_bytes, write_json, write_text
 from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
-from privimage.diffusion.synthesize import balanced_labels, generate, write_synthetic
-from privimage.diffusion.train import MODEL_FILE, finetune, load_denoiser, plan_finetune, pretrain
-from privimage.evaluation.stage import run_evaluation
-from privimage.methods import METHODS, STAGES, Method
 from privimage.errors import UserError
+from privimage.methods import METHODS, Method
+from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
-from privimage.report.html import write_report
-from privimage.atomic import atomic_path, read_json, write_bytes, write_json, write_text
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
-from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
-from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics, semantic_classifier_is_cached
+from privimage.stages import evaluate, finetune, pretrain, report, sample, semantics
+from privimage.stages.finetune import plan_finetune
+from privimage.stages.semantics import query_mechanism, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +50,8 @@ _STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "report": (),
 }
+STAGE_MODULES = {"semantics": semantics, "pretrain": pretrain, "finetune": finetune, "sample": sample,
+                 "evaluate": evaluate, "report": report}  # each has run(pipeline)
 SPLIT_KEY_BYTES = 32
 # Settings that, once a run directory has spent privacy, may not change under it.
 _FROZEN_KEYS = ("privacy", "data")
@@ -243,7 +242,7 @@ class Pipeline:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
-        self._stage_functions()[stage]()
+        STAGE_MODULES[stage].run(self)
         seconds = time.perf_counter() - started
         if distributed.is_main():
             marker = {"fingerprint": self.stage_fingerprint(stage), "seconds": seconds,
@@ -261,87 +260,16 @@ class Pipeline:
             on_stage(results[-1])
         return results
 
-    def _stage_functions(self) -> dict[str, Callable[[], None]]:
-        return {
-            "semantics": self._semantics,
-            "pretrain": self._pretrain,
-            "finetune": self._finetune,
-            "sample": self._sample,
-            "evaluate": self._evaluate,
-            "report": self._report,
-        }
-
-    def _semantics(self) -> None:
-        run_semantics(self.cfg, self.run, self.ledger, self.sensitive_train, self.sensitive_test, self.public,
-                      self.cache_dir, self.device, release=self.stage_fingerprint("semantics"))
-
     @property
     def method(self) -> Method:
         return METHODS[self.cfg.method]
+
+    def note(self, stage: str, **facts) -> None:
+        """Extra facts a stage records in its marker (e.g. that it reused a cached model)."""
+        self._marker_notes.setdefault(stage, {}).update(facts)
 
     def public_images_used(self) -> int:
         """How many public images the method pretrained on (after its stages ran)."""
         if self.method.pretraining_data == "selected":
             return int(read_json(self.run.semantics)["public_images"])
         return len(self.public) if self.method.uses_public_data else 0
-
-    def pretraining_data(self) -> ImageDataset:
-        """The selected public semantics, relabelled; or all public data, unconditional (see methods.py)."""
-        names = self.sensitive_train.class_names
-        if self.method.pretraining_data == "selected":
-            return pretraining_set(self.public, read_json(self.run.semantics)["selected"], names)
-        null_labels = np.full(len(self.public), len(names), dtype=np.int64)  # the label-dropout class
-        return ImageDataset(self.public.images, null_labels, (*names, "<unconditional>"), name=self.public.name)
-
-    def _pretrain(self) -> None:
-        """Pretrain, or reuse the model an earlier run pretrained on the same images with the same settings.
-
-        Pretraining sees only public images (chosen, for privimage, by the noisy selection), so its model
-        may be shared across runs: runs at several ε (`privimage bench`) pretrain once.
-        """
-        data, num_classes = self.pretraining_data(), self.sensitive_train.num_classes
-        key = fingerprint(data.fingerprint(), self.cfg.model, self.cfg.pretrain, self.cfg.seed, num_classes,
-                          self.cfg.data.resolution, self.cfg.data.channels)
-        cached = self.cache_dir / "pretrained" / f"{key}.safetensors"
-        model = self.run.pretrain_dir / MODEL_FILE
-        if distributed.broadcast(cached.is_file()):
-            if distributed.is_main():
-                logger.info("pretrain: reusing %s (same public images and settings)", cached)
-                _copy(cached, model)
-            distributed.barrier()
-            self._marker_notes["pretrain"] = {"reused_cached_model": True}
-            return
-        pretrain(self.cfg, self.run, data, num_classes, self.device)
-        if distributed.is_main():
-            try:
-                _copy(model, cached)
-            except OSError as error:
-                logger.warning("could not cache the pretrained model in %s (%s)", cached.parent, error)
-
-    def _finetune(self) -> None:
-        pretrained = self.run.pretrain_dir / MODEL_FILE if "pretrain" in self.stages() else None
-        finetune(self.cfg, self.run, self.ledger, self.sensitive_train, pretrained, self.device,
-                 release=self.stage_fingerprint("finetune"))
-
-    def _sample(self) -> None:
-        names = self.sensitive_train.class_names
-        net = load_denoiser(self.cfg, len(names), self.run.finetune_dir / MODEL_FILE, self.device)
-        generator = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(self.cfg.seed))
-        data = generate(net, names, balanced_labels(self.cfg.sample.n, len(names)), self.cfg, self.device, generator)
-        if distributed.is_main():
-            write_synthetic(self.run, data)
-
-    def _evaluate(self) -> None:
-        """Rank 0 alone: evaluation is cheap next to training."""
-        if distributed.is_main():
-            run_evaluation(self.cfg, self.run, self.sensitive_train, self.sensitive_test, self.device)
-
-    def _report(self) -> None:
-        if distributed.is_main():
-            public = self.public if self.method.queries_semantics else None
-            write_report(self.cfg, self.run, public, self.sensitive_test)
-
-
-def _copy(source: Path, target: Path) -> None:
-    with atomic_path(target) as tmp:
-        shutil.copyfile(source, tmp)

@@ -22,12 +22,14 @@ import torch
 from omegaconf import DictConfig
 
 from privimage.data import ImageDataset, to_tensor
-from privimage.diffusion.train import build_denoiser, diffusion_loss, finetune_steps
+from privimage.stages.finetune import finetune_schedule
+from privimage.stages.pretrain import build_denoiser, diffusion_loss
 from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS
-from privimage.nets import train_classifier
+from privimage.classifiers import train_classifier
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
+from privimage.runtime import seeded
 
 SAFETY = 0.85  # plan the trainable stages to end with 15 % of their time to spare
 REPORT_SECONDS = 5.0
@@ -69,7 +71,7 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, 
     def images(n: int) -> torch.Tensor:
         return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=generator)
 
-    with torch.random.fork_rng():
+    with seeded(0):
         net = build_denoiser(cfg, num_classes).to(device)
         loss_fn = diffusion_loss(cfg, num_classes)
         optimizer = torch.optim.Adam(net.parameters(), lr=0.0)
@@ -116,14 +118,14 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, 
 
 def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.device) -> float:
     """Seconds per image-epoch of the semantic classifier, on random images of the public set's shape."""
-    from privimage.semantics.stage import build_classifier
+    from privimage.stages.semantics import build_classifier
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (PROBE_IMAGES, *public.images.shape[1:]), dtype=torch.uint8,
                            generator=generator).numpy()
     labels = (torch.arange(PROBE_IMAGES) % public.num_classes).numpy()
     c = cfg.semantics.classifier
-    with torch.random.fork_rng():
+    with seeded(0):
         model = build_classifier(cfg, public)
         seconds = _seconds(lambda: train_classifier(model, images, labels, epochs=1, batch_size=c.batch_size,
                                                     augment=c.augment, device=str(device)), repeats=1)
@@ -149,7 +151,7 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
         "report": REPORT_SECONDS,
     }
     pretrain_steps = cfg.pretrain.steps if uses_pretraining else 0
-    sample_rate, dp_steps = finetune_steps(cfg, num_samples)
+    sample_rate, dp_steps = finetune_schedule(cfg, num_samples)
     dp_step = sample_rate * num_samples * throughput["dp_sample"]
     configured = pretrain_steps * throughput["pretrain_step"] + dp_steps * dp_step
     trainable = SAFETY * (seconds_left - sum(expected.values()))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 
 from privimage.distributed import local_device
@@ -23,6 +26,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for but no CUDA GPU is visible: use device=cpu or device=auto")
     return local_device(device) if device.index is None else device
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Torch's global generator seeded for the block and restored after it.
+
+    Only for what cannot take an explicit generator: module initialisation, and the diffusion loss's
+    noise, which `vmap(randomness="different")` draws from the global generator. Never for DP noise.
+    """
+    with torch.random.fork_rng(devices=[device] if device is not None and device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def dp_noise_source(secure: bool) -> NoiseSource:

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from privimage.errors import UserError
-from privimage.nets import ResNetGN, SmallCNN, accuracy, train_classifier
+from privimage.runtime import seeded
+from privimage.classifiers import ResNetGN, SmallCNN, accuracy, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def downstream_accuracy(
 ) -> dict[str, float]:
     """Real-test accuracy of each named classifier trained from scratch on `synthetic`.
 
-    `augment` is the strength of `nets.augment` during training: a few thousand synthetic images are a
+    `augment` is the strength of `classifiers.augment` during training: a few thousand synthetic images are a
     small training set, and a classifier trained on them plainly measures its overfitting as much as
     the images.
     """
@@ -55,8 +56,7 @@ def downstream_accuracy(
     results = {}
     for name in classifiers:
         # Seed the initialisation without disturbing the caller's random state.
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
+        with seeded(seed):
             model = CLASSIFIERS[name](in_channels, num_classes)
         train_classifier(
             model, synthetic.images, synthetic.labels, epochs=epochs, batch_size=batch_size, augment=augment,

@@ -90,7 +90,7 @@ class DPSGD:
         self.noise_multiplier = noise_multiplier
         self.expected_batch_size = expected_batch_size
         self.noise_multiplicity = noise_multiplicity
-        # Memory (and, measured, speed) scales with the rows the model sees at once, samples x K.
+        # Memory and speed follow the rows the model sees at once, samples x K.
         self.samples_per_chunk = max(1, max_physical_batch // noise_multiplicity)
         self.loss_clip = loss_clip
         self.loss_weight = loss_weight

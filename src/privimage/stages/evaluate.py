@@ -6,10 +6,13 @@ closest-pairs picture shows real training images, so it goes under `private/`, n
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from privimage import distributed
 from privimage.data import ImageDataset
 from privimage.evaluation.downstream import downstream_accuracy
 from privimage.evaluation.fid import InceptionFeatures, feature_stats, fid_from_stats
@@ -17,15 +20,13 @@ from privimage.evaluation.manifold import precision_recall
 from privimage.evaluation.memorization import closest_pairs_figure, memorization
 from privimage.atomic import write_bytes, write_json
 from privimage.rundir import RunDir
+from privimage.stages.sample import load_synthetic
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
 
 
-def load_synthetic(run: RunDir) -> ImageDataset:
-    with np.load(run.synthetic) as data:
-        return ImageDataset(images=data["images"], labels=data["labels"].astype(np.int64),
-                            class_names=tuple(str(n) for n in data["class_names"]), name="synthetic")
-
-
-def _first(images: np.ndarray, n: int, seed: int) -> np.ndarray:
+def seeded_subset(images: np.ndarray, n: int, seed: int) -> np.ndarray:
     """A seeded random subset of `n` images (all if fewer)."""
     order = np.random.default_rng(seed).permutation(len(images))[:n]
     return images[np.sort(order)]
@@ -44,8 +45,8 @@ def run_evaluation(
     )
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
-        real = feature_stats(_first(test.images, e.fid_samples, cfg.seed), extractor, run.private / "fid", private=True)
-        fake = feature_stats(_first(synthetic.images, e.fid_samples, cfg.seed), extractor)
+        real = feature_stats(seeded_subset(test.images, e.fid_samples, cfg.seed), extractor, run.private / "fid", private=True)
+        fake = feature_stats(seeded_subset(synthetic.images, e.fid_samples, cfg.seed), extractor)
         metrics["fid"] = fid_from_stats(real.mu, real.sigma, fake.mu, fake.sigma)
         metrics["fid_samples"] = {"real": len(real.features), "synthetic": len(fake.features)}
         precision, recall = precision_recall(real.features, fake.features, k=e.knn_k)
@@ -54,3 +55,9 @@ def run_evaluation(
     write_bytes(run.private / "closest_pairs.png", closest_pairs_figure(synthetic.images, train.images), private=True)
     write_json(run.metrics, metrics)
     return metrics
+
+
+def run(pipeline: Pipeline) -> None:
+    """Rank 0 alone: evaluation is cheap next to training."""
+    if distributed.is_main():
+        run_evaluation(pipeline.cfg, pipeline.run, pipeline.sensitive_train, pipeline.sensitive_test, pipeline.device)

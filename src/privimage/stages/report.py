@@ -11,21 +11,26 @@ import base64
 import dataclasses
 import html
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from privimage import distributed
 from privimage.config import to_yaml
 from privimage.data import ImageDataset
-from privimage.evaluation.stage import load_synthetic
 from privimage.privacy.accountant import compose_epsilon
 from privimage.privacy.ledger import Booking
 from privimage.report.figures import figure_png, image_grid, png_bytes
 from privimage.report.summary import privacy_by_stage
 from privimage.atomic import read_json, write_text
 from privimage.rundir import RunDir
+from privimage.stages.sample import load_synthetic
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
 
 EXAMPLES = 8
 CURVE_POINTS = 40
@@ -168,3 +173,9 @@ def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test
             f"</head><body>{''.join(sections)}</body></html>")
     write_text(run.report, page)
     return run.report
+
+
+def run(pipeline: Pipeline) -> None:
+    if distributed.is_main():
+        public = pipeline.public if pipeline.method.queries_semantics else None
+        write_report(pipeline.cfg, pipeline.run, public, pipeline.sensitive_test)

@@ -1,8 +1,13 @@
-"""Stage 1-2: train the semantic query function on public data, query it privately, select semantics."""
+"""Stages 1-2: train the semantic query function on public data, query it privately, select semantics.
+
+Writes `semantics.json` (the selection and rounded noisy votes); `pretraining_set` is its reader for
+the pretraining stage.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,13 +19,16 @@ from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset
 from privimage.errors import UserError
-from privimage.nets import ResNetGN, SmallCNN, predict_logits, train_classifier
+from privimage.classifiers import ResNetGN, SmallCNN, predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.atomic import read_json, write_json
 from privimage.rundir import RunDir
-from privimage.runtime import dp_noise_source
+from privimage.runtime import dp_noise_source, seeded
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
 
 PRIVATE_SEMANTICS_FILE = "semantics.json"  # under private/: statistics of the sensitive test split
 
@@ -44,7 +52,7 @@ def _classifier_path(cfg: DictConfig, public: ImageDataset, model: nn.Module, ca
 
 
 def semantic_classifier_is_cached(cfg: DictConfig, public: ImageDataset, cache_dir: Path) -> bool:
-    with torch.random.fork_rng():
+    with seeded(cfg.seed):
         return _classifier_path(cfg, public, build_classifier(cfg, public), cache_dir).exists()
 
 
@@ -56,8 +64,8 @@ def semantic_classifier(
     It never sees sensitive data, so caching it outside the run directory leaks nothing.
     """
     c = cfg.semantics.classifier
-    torch.manual_seed(cfg.seed)
-    model = build_classifier(cfg, public)
+    with seeded(cfg.seed):
+        model = build_classifier(cfg, public)
     path = _classifier_path(cfg, public, model, cache_dir)
     if distributed.broadcast(path.exists()):
         tensors, meta = load_checkpoint(path)
@@ -181,3 +189,8 @@ def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_
         images=public.images[keep], labels=new_labels[keep], class_names=tuple(class_names),
         name=f"{public.name}[selected]",
     )
+
+
+def run(pipeline: Pipeline) -> None:
+    run_semantics(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pipeline.sensitive_test,
+                  pipeline.public, pipeline.cache_dir, pipeline.device, release=pipeline.stage_fingerprint("semantics"))

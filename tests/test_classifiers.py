@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from privimage.nets import (
+from privimage.classifiers import (
     ResNetGN,
     SmallCNN,
     _epoch_indices,

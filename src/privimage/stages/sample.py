@@ -1,7 +1,8 @@
-"""Stage 5a: sample a labelled synthetic dataset from the fine-tuned model.
+"""Stage 5: sample a labelled synthetic dataset from the fine-tuned model.
 
 Labels are uniform over the sensitive classes (balanced, fixed in advance), so sampling reads no
-sensitive data and costs no privacy.
+sensitive data and costs no privacy. Writes `synthetic.npz` (read back by `load_synthetic`), one PNG
+folder per class and the `samples.png` grid.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +24,10 @@ from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
 from privimage.atomic import atomic_path, write_bytes
 from privimage.rundir import RunDir
+from privimage.stages.pretrain import MODEL_FILE, load_denoiser
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
 
 GRID_COLUMNS = 10
 
@@ -73,6 +79,21 @@ def write_synthetic(run: RunDir, data: ImageDataset) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     rows = [data.images[data.labels == c][:GRID_COLUMNS] for c in range(len(data.class_names))]
     write_bytes(run.samples_grid, png_bytes(image_grid(rows)))
+
+
+def load_synthetic(run: RunDir) -> ImageDataset:
+    with np.load(run.synthetic) as data:
+        return ImageDataset(images=data["images"], labels=data["labels"].astype(np.int64),
+                            class_names=tuple(str(n) for n in data["class_names"]), name="synthetic")
+
+
+def run(pipeline: Pipeline) -> None:
+    cfg, names, device = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.device
+    net = load_denoiser(cfg, len(names), pipeline.run.finetune_dir / MODEL_FILE, device)
+    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
+    data = generate(net, names, balanced_labels(cfg.sample.n, len(names)), cfg, device, generator)
+    if distributed.is_main():
+        write_synthetic(pipeline.run, data)
 
 
 def safe_folder_name(name: str) -> str:

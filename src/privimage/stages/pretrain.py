@@ -1,0 +1,155 @@
+"""Stage 3: non-private pretraining of the conditional EDM denoiser on public images.
+
+privimage pretrains on the public images of the semantics the DP query selected, relabelled to the
+sensitive class that chose them; pdp on the whole public set, unconditionally (methods.py). The
+loop is resumable (diffusion/training.py); the finished stage writes `pretrain/model.safetensors`
+(the EMA weights), which `load_denoiser` reads. Pretraining sees public data only, so a model
+pretrained on the same images with the same settings is reused from the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.nn.parallel import DistributedDataParallel
+
+from privimage import distributed
+from privimage.atomic import atomic_path, read_json
+from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.config import fingerprint
+from privimage.data import ImageDataset, to_tensor
+from privimage.diffusion.edm import EDMPrecond, edm_loss
+from privimage.diffusion.ema import EMA
+from privimage.diffusion.training import Checkpointer, progress, scalars
+from privimage.diffusion.unet import UNet
+from privimage.rundir import RunDir
+from privimage.runtime import seeded
+from privimage.stages.semantics import pretraining_set
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+
+
+def build_denoiser(cfg: DictConfig, num_classes: int) -> EDMPrecond:
+    m = cfg.model
+    unet = UNet(
+        resolution=cfg.data.resolution, in_channels=cfg.data.channels, num_classes=num_classes,
+        base_channels=m.base_channels, channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+    )
+    return EDMPrecond(unet, sigma_data=m.sigma_data)
+
+
+def load_denoiser(cfg: DictConfig, num_classes: int, path: Path, device: torch.device) -> EDMPrecond:
+    net = build_denoiser(cfg, num_classes)
+    tensors, _ = load_checkpoint(path)
+    net.load_state_dict(tensors)
+    return net.to(device).eval()
+
+
+def diffusion_loss(cfg: DictConfig, num_classes: int) -> Callable:
+    """Per-sample EDM loss with the configured label dropout; `forward` is the denoiser."""
+    m = cfg.model
+
+    def loss(forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return edm_loss(forward, x, y, num_classes=num_classes, sigma_data=m.sigma_data, label_dropout=m.label_dropout)
+
+    return loss
+
+
+def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int, device: torch.device) -> None:
+    """Non-private EDM training on public images; `data.labels == num_classes` means unconditional.
+
+    Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
+    On CUDA the forward pass runs under bf16 autocast (weights, optimizer and EMA stay float32); DP
+    fine-tuning stays in float32, where per-sample norms decide the clipping.
+    """
+    p = cfg.pretrain
+    folder = run.pretrain_dir
+    with seeded(cfg.seed):  # the same initial weights on every rank
+        net = build_denoiser(cfg, num_classes).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
+    ema = EMA(net, decay=p.ema)
+    checkpoint = Checkpointer(folder, net, ema, optimizer)
+    start = checkpoint.restore()
+    trained = DistributedDataParallel(net) if distributed.is_distributed() else net
+    images = torch.as_tensor(data.images, device=device)  # uint8: a large public set stays small
+    labels = torch.as_tensor(data.labels, device=device)
+    per_rank = math.ceil(p.batch_size / distributed.world_size())
+    loss_fn = diffusion_loss(cfg, num_classes)
+    rank_seed = distributed.rank_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(rank_seed + start)
+    net.train()
+    # Diffusion noise: each rank and each resumed segment its own.
+    with seeded(rank_seed + start, device), scalars(run.tensorboard / "pretrain") as writer, \
+            progress("pretrain", start, p.steps) as bar:
+        for step in range(start, p.steps):
+            index = torch.randint(len(images), (per_rank,), generator=generator).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = loss_fn(trained, to_tensor(images[index]), labels[index]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            ema.update(net)
+            if writer is not None:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                writer.add_scalar("pretrain/loss", loss.item(), step + 1)
+            bar.update()
+            if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.steps:
+                checkpoint.save(step + 1)
+    if distributed.is_main():
+        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+    distributed.barrier()
+
+
+def pretraining_data(pipeline: Pipeline) -> ImageDataset:
+    """The selected public semantics, relabelled; or all public data, unconditional (methods.py)."""
+    names = pipeline.sensitive_train.class_names
+    public = pipeline.public
+    if pipeline.method.pretraining_data == "selected":
+        return pretraining_set(public, read_json(pipeline.run.semantics)["selected"], names)
+    null_labels = np.full(len(public), len(names), dtype=np.int64)  # the label-dropout class
+    return ImageDataset(public.images, null_labels, (*names, "<unconditional>"), name=public.name)
+
+
+def run(pipeline: Pipeline) -> None:
+    """Pretrain, or reuse the model an earlier run pretrained on the same images with the same settings.
+
+    Pretraining sees only public images (chosen, for privimage, by the noisy selection), so its model
+    may be shared across runs: runs at several ε (`privimage bench`) pretrain once.
+    """
+    cfg, run_dir = pipeline.cfg, pipeline.run
+    data, num_classes = pretraining_data(pipeline), pipeline.sensitive_train.num_classes
+    key = fingerprint(data.fingerprint(), cfg.model, cfg.pretrain, cfg.seed, num_classes,
+                      cfg.data.resolution, cfg.data.channels)
+    cached = pipeline.cache_dir / "pretrained" / f"{key}.safetensors"
+    model = run_dir.pretrain_dir / MODEL_FILE
+    if distributed.broadcast(cached.is_file()):
+        if distributed.is_main():
+            logger.info("pretrain: reusing %s (same public images and settings)", cached)
+            _copy(cached, model)
+        distributed.barrier()
+        pipeline.note("pretrain", reused_cached_model=True)
+        return
+    pretrain(cfg, run_dir, data, num_classes, pipeline.device)
+    if distributed.is_main():
+        try:
+            _copy(model, cached)
+        except OSError as error:
+            logger.warning("could not cache the pretrained model in %s (%s)", cached.parent, error)
+
+
+def _copy(source: Path, target: Path) -> None:
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
