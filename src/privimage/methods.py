@@ -1,14 +1,38 @@
-"""The table of methods: which stages each runs, what it pretrains on, which mechanisms it books.
+"""The tables of stages and methods: which stages each method runs, what it pretrains on, what it books.
 
-A new method is one entry here (plus a stage module where it needs a stage of its own); no other
-module compares method names.
+A new method is one entry in METHODS, plus an entry in STAGES and a module in privimage/stages/ where
+it needs a stage of its own; no other module compares method or stage names.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from types import ModuleType
 
-STAGES = ("semantics", "pretrain", "finetune", "sample", "evaluate", "report")
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    # Config sections the stage reads, beyond its upstream stages: they decide when it is stale.
+    config_keys: tuple[str, ...]
+
+    @property
+    def module(self) -> ModuleType:
+        """privimage.stages.<name>, which has run(pipeline)."""
+        return importlib.import_module(f"privimage.stages.{self.name}")
+
+
+# In the order they run.
+STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
+    Stage("semantics", ("data", "semantics", "seed", "method")),
+    Stage("pretrain", ("model", "pretrain")),
+    Stage("finetune", ("finetune", "privacy")),
+    Stage("sample", ("sample",)),
+    Stage("evaluate", ("evaluate",)),
+    Stage("report", ()),
+)}
+STAGES = tuple(STAGE_TABLE)
 
 
 @dataclass(frozen=True)

@@ -29,29 +29,17 @@ from privimage.atomic import read_json, write_bytes, write_json, write_text
 from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
 from privimage.errors import UserError
-from privimage.methods import METHODS, Method
+from privimage.methods import METHODS, STAGE_TABLE, Method
 from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
-from privimage.stages import evaluate, finetune, pretrain, report, sample, semantics
 from privimage.stages.finetune import plan_finetune
 from privimage.stages.semantics import query_mechanism, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
-# The config sections each stage reads, beyond its upstream stages.
-_STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "semantics": ("data", "semantics", "seed", "method"),
-    "pretrain": ("model", "pretrain"),
-    "finetune": ("finetune", "privacy"),
-    "sample": ("sample",),
-    "evaluate": ("evaluate",),
-    "report": (),
-}
-STAGE_MODULES = {"semantics": semantics, "pretrain": pretrain, "finetune": finetune, "sample": sample,
-                 "evaluate": evaluate, "report": report}  # each has run(pipeline)
 SPLIT_KEY_BYTES = 32
 # Settings that, once a run directory has spent privacy, may not change under it.
 _FROZEN_KEYS = ("privacy", "data")
@@ -218,7 +206,8 @@ class Pipeline:
 
     def stage_fingerprint(self, stage: str) -> str:
         upstream = [self.stage_fingerprint(s) for s in self.stages()[: self.stages().index(stage)]]
-        return fingerprint(upstream, [self.cfg[k] if k in self.cfg else None for k in _STAGE_KEYS[stage]],
+        keys = STAGE_TABLE[stage].config_keys
+        return fingerprint(upstream, [self.cfg[k] if k in self.cfg else None for k in keys],
                            self.cfg.data, self.cfg.method)
 
     def is_done(self, stage: str) -> bool:
@@ -242,7 +231,7 @@ class Pipeline:
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
-        STAGE_MODULES[stage].run(self)
+        STAGE_TABLE[stage].module.run(self)
         seconds = time.perf_counter() - started
         if distributed.is_main():
             marker = {"fingerprint": self.stage_fingerprint(stage), "seconds": seconds,
