@@ -87,7 +87,7 @@ def test_report_renders_in_headless_chromium(quick_run, tmp_path):
     page = (run / "report.html").read_text()
     assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
     assert page.count('src="data:image/png;base64,') >= 5  # samples, real, semantics, curves, ledger
-    for section in ("Privacy", "Selected semantics", "Training", "Samples", "Metrics", "Configuration"):
+    for section in ("Privacy", "Time plan", "Selected semantics", "Training", "Samples", "Metrics", "Configuration"):
         assert section in page, section
     shot = tmp_path / "report.png"
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

@@ -148,6 +148,24 @@ def _metrics_section(run: RunDir) -> str:
     return _table(["metric", "value"], rows)
 
 
+def _plan_section(run: RunDir) -> str:
+    """The `--minutes` plan: probe throughputs, planned steps, expected and measured minutes per stage."""
+    if not run.plan.exists():
+        return "<p>No time budget: step counts as configured.</p>"
+    plan = read_json(run.plan)
+    measured = {}
+    for stage in plan["expected_seconds"]:
+        marker = run.stages / f"{stage}.json"
+        measured[stage] = read_json(marker).get("seconds") if marker.exists() else None
+    rows = [[stage, f"{seconds / 60:.2f}", "–" if measured[stage] is None else f"{measured[stage] / 60:.2f}"]
+            for stage, seconds in plan["expected_seconds"].items()]
+    probe = ", ".join(f"{name} {value * 1000:.3g} ms" for name, value in plan["throughput"].items())
+    return (f"<p>Budget {plan['minutes']:g} min, {plan['seconds_left'] / 60:.1f} min left when planned: "
+            f"{plan['pretrain_steps']} pretraining steps, {plan['finetune_steps']} DP-SGD steps.</p>"
+            + _table(["stage", "expected min", "measured min"], rows)
+            + f"<p class=note>Probe on random data (per unit): {html.escape(probe)}</p>")
+
+
 def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test: ImageDataset) -> Path:
     ledger = read_json(run.ledger)
     stages, _ = privacy_by_stage(run)
@@ -161,6 +179,7 @@ def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test
         f"δ = {ledger['target']['delta']:g} ({html.escape(ledger['accountant'])} accountant, all stages composed).</p>",
         _table(["stage", "mechanism", "noise multiplier", "sample rate", "steps", "ε alone"], ledger_rows),
         _img(_spending_curve(ledger), "privacy spending curve"),
+        "<h2>Time plan</h2>", _plan_section(run),
         "<h2>Selected semantics</h2>", _semantics_section(run, public),
         "<h2>Training</h2>",
         _img(curves, "loss curves") if curves else "<p>No training curves recorded.</p>",
