@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +60,8 @@ def semantic_classifier(
         augment=c.augment, balanced=True, seed=cfg.seed, device=str(device), desc="semantic classifier",
         data_parallel=distributed.is_distributed(),
     )
-    logits = predict_logits(model, holdout.images, device=str(device))
-    accuracy = float((logits.argmax(1).cpu().numpy() == holdout.labels).mean()) if n_holdout else float("nan")
+    predicted = predict_logits(model, holdout.images, device=str(device), reduce=lambda logits: logits.argmax(1))
+    accuracy = float((predicted.numpy() == holdout.labels).mean()) if n_holdout else float("nan")
     if distributed.is_main():
         save_checkpoint(path, model.state_dict(), {"holdout_accuracy": accuracy, "classes": list(public.class_names)})
     return model.eval(), accuracy
@@ -160,7 +161,5 @@ def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_
             relabel[index[public_name]] = sensitive_index
     new_labels = relabel[public.labels]
     keep = np.flatnonzero(new_labels >= 0)
-    return ImageDataset(
-        images=public.images[keep], labels=new_labels[keep], class_names=tuple(class_names),
-        name=f"{public.name}[selected]",
-    )
+    return replace(public.subset(keep), labels=new_labels[keep], class_names=tuple(class_names),
+                   name=f"{public.name}[selected]")
