@@ -11,7 +11,7 @@ import pytest
 
 from privimage.data import ImageDataset, load_dataset, load_sensitive
 from privimage.data import user as user_module
-from privimage.data.memmap import ImageFile
+from privimage.data.imagefile import ImageFile
 from privimage.errors import UserError
 from privimage.semantics.stage import pretraining_set
 
@@ -88,7 +88,7 @@ def test_cifar100_batches_use_fine_labels(tmp_path):
 def test_imagenet_batches_convert_once_into_a_cache_read_in_batches(tmp_path, npz):
     pixels, labels = write_imagenet(tmp_path / "Imagenet32_train", npz=npz)
     cache = tmp_path / "cache"
-    public = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=32, channels=3, cache_dir=cache, memmap=True)
+    public = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=32, channels=3, cache_dir=cache, convert=True)
     assert isinstance(public.images, ImageFile) and public.images.shape == (40, 32, 32, 3)
     np.testing.assert_array_equal(public.images[:], pixels)
     np.testing.assert_array_equal(public.images[[7, 2]], pixels[[7, 2]])
@@ -98,24 +98,24 @@ def test_imagenet_batches_convert_once_into_a_cache_read_in_batches(tmp_path, np
     assert isinstance(in_memory.images, np.ndarray)
     np.testing.assert_array_equal(in_memory.images, pixels)
 
-    converted = sorted((cache / "images").iterdir())
-    assert [p.suffix for p in converted] == [".npz", ".u8"]  # no temporary files left
+    assert sorted(p.suffix for p in (cache / "images").iterdir()) == [".lock", ".npz", ".u8"]  # no temporary files
+    converted = [p for p in sorted((cache / "images").iterdir()) if p.suffix in (".npz", ".u8")]
     mtimes = [p.stat().st_mtime_ns for p in converted]
-    again = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=32, channels=3, cache_dir=cache, memmap=True)
+    again = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=32, channels=3, cache_dir=cache, convert=True)
     assert [p.stat().st_mtime_ns for p in converted] == mtimes  # read, not converted again
     assert again.fingerprint() == public.fingerprint()
-    smaller = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=16, channels=1, cache_dir=cache, memmap=True)
+    smaller = load_dataset(str(tmp_path / "Imagenet32_train"), resolution=16, channels=1, cache_dir=cache, convert=True)
     assert smaller.images.shape == (40, 16, 16, 1) and smaller.fingerprint() != public.fingerprint()
 
 
 def test_a_changed_source_file_is_converted_again(tmp_path):
     write_imagenet(tmp_path / "in32")
     cache = tmp_path / "cache"
-    first = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=cache, memmap=True)
+    first = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=cache, convert=True)
     data, pixels = rows(5, 32, seed=99)
     with open(tmp_path / "in32" / "train_data_batch_2", "wb") as fh:
         pickle.dump({"data": data, "labels": [3] * 5}, fh)
-    second = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=cache, memmap=True)
+    second = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=cache, convert=True)
     assert len(second) == 30 and second.fingerprint() != first.fingerprint()
     np.testing.assert_array_equal(second.images[25:], pixels)
 
@@ -125,11 +125,11 @@ def test_imagenet_class_names_from_map_clsloc_or_a_plain_list(tmp_path):
     (tmp_path / "in32" / "map_clsloc.txt").write_text(
         "n02012849 2 crane\nn01440764 1 tench\nn03126707 3 crane\n"  # any order; ImageNet has two cranes
     )
-    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", memmap=True)
+    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", convert=True)
     assert public.class_names == ("tench", "crane (n02012849)", "crane (n03126707)")
     (tmp_path / "in32" / "map_clsloc.txt").unlink()
     (tmp_path / "in32" / "class_names.txt").write_text("tench\ngoldfish\nshark\n")
-    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", memmap=True)
+    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", convert=True)
     assert public.class_names == ("tench", "goldfish", "shark")  # a new name file is a new conversion
     (tmp_path / "in32" / "class_names.txt").write_text("tench\ngoldfish\n")
     with pytest.raises(UserError, match="train_data_batch_1: labels outside 1..2"):
@@ -172,10 +172,10 @@ def test_bad_batch_files_are_one_line_user_errors(tmp_path, monkeypatch, batch, 
     content = batch if isinstance(batch, bytes) else pickle.dumps(batch)
     (folder / "train_data_batch_1").write_bytes(content)
     with pytest.raises(UserError, match=message) as error:
-        load_dataset(str(folder), resolution=32, channels=3, cache_dir=tmp_path / "cache", memmap=True)
+        load_dataset(str(folder), resolution=32, channels=3, cache_dir=tmp_path / "cache", convert=True)
     assert "\n" not in str(error.value)
     assert not (tmp_path / "pwned").exists()
-    assert not (tmp_path / "cache" / "images").exists() or not any((tmp_path / "cache" / "images").iterdir())
+    assert not [p for p in (tmp_path / "cache" / "images").iterdir() if p.suffix != ".lock"]  # nothing half-written
 
 
 def test_cifar_without_label_names_is_a_user_error(tmp_path):
@@ -187,7 +187,9 @@ def test_cifar_without_label_names_is_a_user_error(tmp_path):
 
 def test_lazy_subsets_copy_no_pixels_and_key_caches_by_selection(tmp_path):
     pixels, labels = write_imagenet(tmp_path / "in32", classes=4)
-    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", memmap=True)
+    public = load_dataset(str(tmp_path / "in32"), resolution=32, channels=3, cache_dir=tmp_path / "c", convert=True)
+    for index in (5, -1, slice(3, 9), slice(None, None, 3), labels == 2, np.array([4, 5, 6, 1, 2, 39])):
+        np.testing.assert_array_equal(public.images[index], pixels[index])  # as numpy indexes
     order = np.random.default_rng(0).permutation(len(public))
     holdout = public.subset(order[:10])
     assert isinstance(holdout.images, ImageFile)
@@ -212,12 +214,12 @@ def test_folder_decoding_in_a_process_pool_matches_one_process(tmp_path, monkeyp
     serial = load_dataset(str(tmp_path / "faces"), resolution=8, channels=3)
     monkeypatch.setattr(user_module, "POOL_MIN_IMAGES", 2)
     monkeypatch.setattr(user_module, "CHUNK_IMAGES", 5)
-    pooled = load_dataset(str(tmp_path / "faces"), resolution=8, channels=3, cache_dir=tmp_path / "c", memmap=True)
+    pooled = load_dataset(str(tmp_path / "faces"), resolution=8, channels=3, cache_dir=tmp_path / "c", convert=True)
     np.testing.assert_array_equal(pooled.images[:], serial.images)
     np.testing.assert_array_equal(pooled.labels, serial.labels)
     (tmp_path / "faces" / "c1" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(UserError, match="broken.png: unreadable image"):
-        load_dataset(str(tmp_path / "faces"), resolution=8, channels=3, cache_dir=tmp_path / "c", memmap=True)
+        load_dataset(str(tmp_path / "faces"), resolution=8, channels=3, cache_dir=tmp_path / "c", convert=True)
 
 
 def test_hugging_face_dataset_without_the_library_is_a_user_error(tmp_path, monkeypatch):
@@ -260,7 +262,7 @@ def test_hugging_face_save_to_disk_folder_and_parquet(tmp_path, monkeypatch):
     assert train.class_names == ("cat", "dog") and len(train) == 6 and len(test) == 4
     assert train.images[3].max() == 3 and test.images[0].min() == 100  # the saved test split
     np.testing.assert_array_equal(test.labels, [0, 1, 0, 1])
-    public = load_dataset(str(tmp_path / "train.parquet"), resolution=8, channels=1, cache_dir=tmp_path / "c", memmap=True)
+    public = load_dataset(str(tmp_path / "train.parquet"), resolution=8, channels=1, cache_dir=tmp_path / "c", convert=True)
     assert public.images.shape == (6, 8, 8, 1) and public.class_names == ("cat", "dog")
     assert not (tmp_path / "hf-cache").exists()  # no copy of the data in the Hugging Face cache
 

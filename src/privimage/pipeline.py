@@ -140,7 +140,7 @@ class Pipeline:
     def public(self) -> ImageDataset:
         d = self.cfg.data
         return load_dataset(d.public, resolution=d.resolution, channels=d.channels, cache_dir=self.cache_dir,
-                            glyph_samples=d.glyph_samples, seed=0, memmap=True)
+                            glyph_samples=d.glyph_samples, seed=0, convert=True)
 
     # -- privacy plan ---------------------------------------------------------------------------
     def planned_mechanisms(self) -> list[Mechanism]:

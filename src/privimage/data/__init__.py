@@ -1,8 +1,8 @@
 """Datasets: the built-in offline sets and the user's own images, as one `ImageDataset` type.
 
 `load_dataset` takes a built-in name or a path (any format of data/formats.py); `load_sensitive` adds
-the train/test split. Images stay uint8 NHWC, in memory or (`memmap=True`, public data only) in a
-converted file read a batch at a time (data/memmap.py); `to_tensor` / `to_uint8` convert to and from
+the train/test split. Images stay uint8 NHWC, in memory or (`convert=True`, public data only) in a
+converted file read a batch at a time (data/imagefile.py); `to_tensor` / `to_uint8` convert to and from
 the models' float NCHW in [-1, 1].
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from privimage.data.builtin import BUILTIN_NAMES, BuiltinInfo, builtin_datasets, load_builtin
 from privimage.data.formats import Source, open_source
-from privimage.data.memmap import ImageFile, cache_key, cached_images, write_cache
+from privimage.data.imagefile import ImageFile, cache_key, converted
 from privimage.errors import UserError
 
 __all__ = [
@@ -122,32 +122,30 @@ def load_dataset(
     cache_dir: Path | None = None,
     glyph_samples: int = 300,
     seed: int = 0,
-    memmap: bool = False,
+    convert: bool = False,
 ) -> ImageDataset:
     """A built-in dataset by name (`glyph_samples` and `seed` shape the generated glyphs) or a user path.
 
-    With `memmap` a user dataset is converted once into `cache_dir`/images and read from there a
-    batch at a time: for public data only, since the cache is shared.
+    With `convert` a user dataset is converted once into `cache_dir`/images and read from there a
+    batch at a time (an ImageFile): for public data only, since the cache is shared.
     """
     return _load(spec, resolution=resolution, channels=channels, cache_dir=cache_dir, glyph_samples=glyph_samples,
-                 seed=seed, memmap=memmap)[0]
+                 seed=seed, convert=convert)[0]
 
 
 def _load(
     spec: str, *, resolution: int, channels: int, cache_dir: Path | None, glyph_samples: int = 300, seed: int = 0,
-    memmap: bool = False,
+    convert: bool = False,
 ) -> tuple[ImageDataset, Source | None]:
     """The dataset, and the test split its format ships (CIFAR's test_batch) if any."""
     _check_shape(resolution, channels)
     cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if spec not in BUILTIN_NAMES:
         source = open_source(_user_path(spec), resolution, channels)
-        if not memmap:
+        if not convert:
             return ImageDataset(*source.load(), spec), source.test
         key = cache_key(source.files, source.root, resolution, channels)
-        folder = cache_dir / "images"
-        converted = cached_images(folder, key) or write_cache(folder, key, source.chunks(), source.class_names)
-        return ImageDataset(*converted, spec), source.test
+        return ImageDataset(*converted(cache_dir / "images", key, source.chunks, source.class_names), spec), source.test
     if not _is_int(glyph_samples) or glyph_samples < 1:
         raise UserError(f"glyph_samples {glyph_samples!r} is not a positive integer: set e.g. 300")
     gray, labels, class_names = load_builtin(
