@@ -250,12 +250,14 @@ def predict_logits(
     was_training = model.training
     model.to(device).eval()
     reduce = reduce or (lambda logits: logits)
-    logits = [
-        reduce(model(to_tensor(images[start : start + batch_size]).to(device))).cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    result = torch.empty(0)
+    for start in range(0, len(images), batch_size):
+        batch = reduce(model(to_tensor(images[start : start + batch_size]).to(device))).cpu()
+        if start == 0:  # one array for all: many small ones kept between batches fragment the heap
+            result = batch.new_empty((len(images), *batch.shape[1:]))
+        result[start : start + len(batch)] = batch
     model.train(was_training)
-    return torch.cat(logits)
+    return result
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> float:
