@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from privimage.pipeline import STAGES
+from privimage.methods import STAGES
 
 
 def main() -> None:

@@ -9,15 +9,15 @@ from dp_accounting.rdp import RdpAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privimage.errors import UserError
-from privimage.privacy.accountant import Mechanism, budget, calibrate_noise_multiplier, compose_epsilon
+from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit, budget,
+                                          calibrate_noise_multiplier, compose_epsilon)
 
 DELTA = 1e-5
 
 
 def mechanisms(query_sigma: float, sample_rate: float, steps: int, sigma: float) -> list[Mechanism]:
-    query = [Mechanism("semantics", "gaussian", query_sigma)] if query_sigma else []
-    return [*query, Mechanism("finetune", "subsampled_gaussian", sigma, sample_rate, steps)]
+    query = [Mechanism(query_sigma)] if query_sigma else []
+    return [*query, Mechanism(sigma, sample_rate, steps)]
 
 
 def reference_event(query_sigma: float, sample_rate: float, steps: int, sigma: float) -> dp_accounting.DpEvent:
@@ -71,34 +71,34 @@ def test_calibration_is_tight(query_sigma: float, target: float) -> None:
 
 
 def test_prv_calibration_is_tight() -> None:
-    fixed = [Mechanism("semantics", "gaussian", 5.0)]
+    fixed = [Mechanism(5.0)]
     sigma = calibrate_noise_multiplier(2.0, DELTA, 1.0, 5, fixed=fixed, accountant="prv")
     composed = compose_epsilon(mechanisms(5.0, 1.0, 5, sigma), DELTA, "prv")
     assert 0.99 * 2.0 <= composed <= 2.0
 
 
-def test_query_alone_over_target_names_the_fix() -> None:
-    with pytest.raises(UserError, match="semantics.query_sigma or privacy.epsilon"):
-        calibrate_noise_multiplier(0.5, DELTA, 0.02, 100, fixed=[Mechanism("semantics", "gaussian", 5.0)])
+def test_query_alone_over_target_is_a_budget_error() -> None:
+    with pytest.raises(FixedReleasesExceedTarget, match="alone spend"):
+        calibrate_noise_multiplier(0.5, DELTA, 0.02, 100, fixed=[Mechanism(5.0)])
 
 
-def test_unreachable_target_is_a_user_error() -> None:
-    query = Mechanism("semantics", "gaussian", 5.0)
+def test_unreachable_target_is_a_budget_error() -> None:
+    query = Mechanism(5.0)
     barely_above = compose_epsilon([query], DELTA) * 1.0001
-    with pytest.raises(UserError, match="privacy.epsilon"):
+    with pytest.raises(NoiseBeyondLimit, match="noise multiplier above"):
         calibrate_noise_multiplier(barely_above, DELTA, 1.0, 10_000, fixed=[query])
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"sample_rate": 1.5}, "finetune.batch_size"),
-    ({"steps": 0}, "finetune.steps"),
-    ({"accountant": "gdp"}, "privacy.accountant"),
-    ({"target_epsilon": 0.0}, "privacy.epsilon > 0"),
-    ({"delta": 1.0}, "privacy.delta"),
+    ({"sample_rate": 1.5}, "sample rate"),
+    ({"steps": 0}, "at least one step"),
+    ({"accountant": "gdp"}, "unknown accountant"),
+    ({"target_epsilon": 0.0}, "not a budget"),
+    ({"delta": 1.0}, "not a budget"),
 ])
-def test_bad_inputs_are_user_errors(kwargs: dict, message: str) -> None:
+def test_bad_inputs_are_value_errors_without_config_keys(kwargs: dict, message: str) -> None:
     args = {"target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.01, "steps": 10} | kwargs
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(ValueError, match=message):
         calibrate_noise_multiplier(**args)
 
 
@@ -122,14 +122,15 @@ def test_budget_without_query() -> None:
 
 
 def test_mechanism_round_trip_and_validation() -> None:
-    mechanism = Mechanism("finetune", "subsampled_gaussian", 1.25, 0.01, 300)
+    mechanism = Mechanism(1.25, 0.01, 300)
+    assert mechanism.kind == "subsampled_gaussian" and Mechanism(5.0).kind == "gaussian"
     assert Mechanism.from_dict(mechanism.to_dict()) == mechanism
     with pytest.raises(ValueError):
-        Mechanism("semantics", "gaussian", 5.0, sample_rate=0.5)
+        Mechanism.from_dict({"mechanism": "gaussian", "noise_multiplier": 5.0, "sample_rate": 0.5, "steps": 1})
     with pytest.raises(ValueError):
-        Mechanism("finetune", "subsampled_gaussian", 0.0, 0.01, 10)
+        Mechanism(0.0, 0.01, 10)
     with pytest.raises(ValueError):
-        Mechanism("finetune", "laplace", 1.0)
+        Mechanism(1.0, 1.5, 10)
 
 
 rates = st.floats(0.001, 0.05)

@@ -11,21 +11,23 @@ pytestmark = pytest.mark.slow
 
 # Small enough for CI; 32 + 32 guesses can prove at most ε ≈ 3.0 at 95 % confidence.
 SETTINGS = ["privacy.epsilon=1", "audit.canaries=128", "audit.guesses=32", "audit.steps=30",
-            "audit.sensitive_images=64"]
+            "audit.public_images=64"]
 
 
 def audit(tmp_path, cache_dir, *extra):
     result = subprocess.run([sys.executable, "-m", "privimage", "audit", "--preset", "quick", "--out", "a",
-                             *extra, *SETTINGS], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                             *SETTINGS, *extra], cwd=tmp_path, capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((tmp_path / "a" / "audit.json").read_text()), result
 
 
 def test_bound_stays_below_the_claimed_epsilon(tmp_path, cache_dir):
-    report, _ = audit(tmp_path, cache_dir)
+    report, result = audit(tmp_path, cache_dir)
     assert report["dp_noise"] is True and 0.99 <= report["epsilon_claimed"] <= 1.0
     assert report["epsilon_lower_bound"] <= report["epsilon_claimed"]
+    assert report["conclusive"] is True and report["epsilon_lower_bound_max"] > report["epsilon_claimed"]
+    assert "inconclusive" not in result.stderr
     ledger = json.loads((tmp_path / "a" / "privacy.json").read_text())
     assert [entry["stage"] for entry in ledger["entries"]] == ["finetune"]
 
@@ -35,6 +37,13 @@ def test_training_without_dp_noise_is_caught(tmp_path, cache_dir):
     assert "NO privacy guarantee" in result.stderr
     assert report["dp_noise"] is False
     assert report["epsilon_lower_bound"] > 2 * report["epsilon_claimed"]
+
+
+def test_a_claim_above_what_the_guesses_can_prove_is_inconclusive(tmp_path, cache_dir):
+    """64 guesses prove at most ε ≈ 3: a claim of 10 can be neither confirmed nor refuted, and it says so."""
+    report, result = audit(tmp_path, cache_dir, "privacy.epsilon=10", "audit.steps=2")
+    assert report["epsilon_claimed"] > report["epsilon_lower_bound_max"] and report["conclusive"] is False
+    assert "inconclusive" in result.stderr
 
 
 def test_audit_refuses_a_used_directory(tmp_path, cache_dir):

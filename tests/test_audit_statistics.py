@@ -53,3 +53,24 @@ def test_correct_guesses_takes_the_extremes():
     assert correct_guesses(scores, included, guesses=2) == 3
     with pytest.raises(ValueError):
         correct_guesses(scores, included, guesses=4)
+
+
+def test_the_delta_term_follows_theorem_5_2_by_direct_summation():
+    """p-value under (ε, δ): the binomial tail + 2mδ·max_i P[v-i <= B < v]/i, summed term by term here."""
+    from scipy.stats import binom
+
+    from privimage.privacy.audit import p_value
+
+    correct, total, m, epsilon, delta = 40, 64, 256, 0.7, 1e-4
+    q = 1 / (1 + math.exp(-epsilon))
+    alpha = max(sum(binom.pmf(correct - j, total, q) for j in range(1, i + 1)) / i for i in range(1, correct + 1))
+    expected = binom.sf(correct - 1, total, q) + 2 * m * delta * alpha
+    assert p_value(correct, total, epsilon, delta, m) == pytest.approx(expected, rel=1e-9)
+    assert p_value(correct, total, epsilon) == pytest.approx(binom.sf(correct - 1, total, q), rel=1e-12)
+
+
+@settings(max_examples=50, deadline=None)
+@given(total=st.integers(2, 300), fraction=st.floats(0.5, 1), delta=st.sampled_from([1e-6, 1e-5, 1e-3]))
+def test_a_positive_delta_only_lowers_the_bound(total, fraction, delta):
+    correct = round(fraction * total)
+    assert epsilon_lower_bound(correct, total, 0.05, delta, 2 * total) <= epsilon_lower_bound(correct, total, 0.05) + 1e-9

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from privimage import cli, rundir
+from privimage import atomic, cli
 from privimage.checkpoint import load_checkpoint
 from privimage.data import load_dataset
 
@@ -69,13 +69,13 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, cache_dir, monkeypatch, 
     real_fsync, calls = os.fsync, {"checkpoints": 0}
 
     def fsync(fd):
-        if os.readlink(f"/proc/self/fd/{fd}").find("checkpoint.safetensors") >= 0:
+        if os.readlink(f"/proc/self/fd/{fd}").find("checkpoint.next.safetensors") >= 0:
             calls["checkpoints"] += 1
             if calls["checkpoints"] == 2:  # the second pretraining checkpoint finds the disk full
                 raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(rundir.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
@@ -87,7 +87,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, cache_dir, monkeypatch, 
     assert meta["step"] == 2  # the last good checkpoint, intact
     assert not [p for p in checkpoint.parent.iterdir() if p.name.endswith(".tmp")]
 
-    monkeypatch.setattr(rundir.os, "fsync", real_fsync)
+    monkeypatch.setattr(atomic.os, "fsync", real_fsync)
     monkeypatch.setattr(sys, "argv", [args[0], "pretrain", *args[2:]])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()

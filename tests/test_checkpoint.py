@@ -69,7 +69,7 @@ def test_truncated_checkpoint_is_a_user_error_naming_the_file(tmp_path: Path) ->
     path = tmp_path / "model.safetensors"
     save_checkpoint(path, {"w": torch.randn(64)}, {"step": 1})
     path.write_bytes(path.read_bytes()[:-20])
-    with pytest.raises(UserError, match=r"model\.safetensors.*delete it"):
+    with pytest.raises(UserError, match=r"model\.safetensors.*use a new --out"):
         load_checkpoint(path)
 
 

@@ -21,6 +21,7 @@ def privimage(*args, cwd, env=None):
         (["run", "--out", "r", "--preset", "nope"], "unknown preset"),
         (["run", "--out", "r", "no.such.key=1"], "unknown config key"),
         (["run", "--out", "r", "data.sensitive=missing_folder"], "missing_folder"),
+        (["run", "--out", "r", "--minutes", "0"], "minutes must be a number"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_run_dir(tmp_path, args, words):
@@ -44,7 +45,7 @@ def test_budget_prints_calibrated_json(tmp_path):
 def test_budget_refuses_a_query_that_spends_everything(tmp_path):
     result = privimage("budget", "--epsilon", "0.1", "--delta", "1e-5", "--query-sigma", "1",
                        "--sample-rate", "0.25", "--steps", "60", cwd=tmp_path)
-    assert result.returncode == 2 and "query_sigma" in result.stderr
+    assert result.returncode == 2 and "--query-sigma" in result.stderr
 
 
 def test_datasets_lists_builtins(tmp_path):
@@ -57,7 +58,7 @@ def test_datasets_lists_builtins(tmp_path):
 def test_budget_too_small_to_train_is_refused_before_the_run_dir_exists(tmp_path, cache_dir):
     result = privimage("run", "--preset", "quick", "--out", "r", "privacy.epsilon=0.05", cwd=tmp_path,
                        env={"PRIVIMAGE_CACHE": str(cache_dir)})
-    assert result.returncode == 2 and "query_sigma" in result.stderr and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "semantics.query_sigma" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "r").exists()
 
 

@@ -44,10 +44,11 @@ def test_mnist_is_the_real_5000_digits(mnist):
     assert mnist.images.max() == 255 and mnist.images[:, 0].mean() < 1  # white digits on black
 
 
-def test_mnist_split_is_fixed_4000_1000(cache_dir, mnist):
-    train, test = load_sensitive("mnist", resolution=28, channels=1, cache_dir=cache_dir)
-    again, again_test = load_sensitive("mnist", resolution=28, channels=1, cache_dir=cache_dir)
-    assert (len(train), len(test)) == (4000, 1000)
+def test_mnist_split_is_about_4000_1000_and_fixed_by_its_key(cache_dir, mnist):
+    key = bytes(32)
+    train, test = load_sensitive("mnist", resolution=28, channels=1, cache_dir=cache_dir, split_key=key)
+    again, again_test = load_sensitive("mnist", resolution=28, channels=1, cache_dir=cache_dir, split_key=key)
+    assert len(train) + len(test) == 5000 and 880 < len(test) < 1120  # Binomial(5000, 0.2): std 28
     assert train.fingerprint() == again.fingerprint() and test.fingerprint() == again_test.fingerprint()
     assert not np.array_equal(train.labels, mnist.labels[:4000])  # shuffled, not the first 4000
     both = np.concatenate([train.images, test.images]).reshape(5000, -1)

@@ -15,6 +15,7 @@ from privimage.data.imagefile import ImageFile
 from privimage.errors import UserError
 from privimage.semantics.stage import pretraining_set
 
+KEY = b"k" * 32  # the split key; unused where the format ships its test split
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -61,13 +62,13 @@ def write_imagenet(folder, counts=(25, 15), classes=20, npz=False, side=32):
 
 def test_cifar10_batches_give_train_test_split_and_class_names(tmp_path):
     written = write_cifar10(tmp_path / "cifar-10-batches-py")
-    train, test = load_sensitive(str(tmp_path / "cifar-10-batches-py"), resolution=32, channels=3)
+    train, test = load_sensitive(str(tmp_path / "cifar-10-batches-py"), resolution=32, channels=3, split_key=KEY)
     assert train.class_names == test.class_names == tuple(CIFAR10_NAMES)
     np.testing.assert_array_equal(train.images, np.concatenate([written[0][0], written[1][0]]))
     np.testing.assert_array_equal(train.labels, np.concatenate([written[0][1], written[1][1]]))
     np.testing.assert_array_equal(test.images, written[2][0])  # the test_batch, not a random split
     np.testing.assert_array_equal(test.labels, written[2][1])
-    gray, _ = load_sensitive(str(tmp_path / "cifar-10-batches-py"), resolution=16, channels=1)
+    gray, _ = load_sensitive(str(tmp_path / "cifar-10-batches-py"), resolution=16, channels=1, split_key=KEY)
     assert gray.images.shape == (60, 16, 16, 1)
 
 
@@ -77,9 +78,10 @@ def test_cifar100_batches_use_fine_labels(tmp_path):
     names = [f"class{i}" for i in range(100)]
     for split, count in (("train", 40), ("test", 10)):
         data, _ = rows(count, 32, seed=count)
-        dump(folder / split, {b"data": data, b"fine_labels": list(range(99, 99 - count, -1)), b"coarse_labels": [0] * count})
+        fine = list(range(99, 99 - count, -1))
+        dump(folder / split, {b"data": data, b"fine_labels": fine, b"coarse_labels": [0] * count})
     dump(folder / "meta", {b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": [b"c"]})
-    train, test = load_sensitive(str(folder), resolution=32, channels=3)
+    train, test = load_sensitive(str(folder), resolution=32, channels=3, split_key=KEY)
     assert train.class_names == tuple(names) and len(train) == 40 and len(test) == 10
     assert train.labels[0] == 99 and test.labels[-1] == 90
 
@@ -141,7 +143,7 @@ def test_imagenet_val_data_is_the_test_split(tmp_path):
     data, pixels = rows(6, 64, seed=5)
     with open(tmp_path / "in64" / "val_data", "wb") as fh:
         pickle.dump({"data": data, "labels": [1, 2, 3, 4, 1, 2]}, fh)
-    train, test = load_sensitive(str(tmp_path / "in64"), resolution=64, channels=3)
+    train, test = load_sensitive(str(tmp_path / "in64"), resolution=64, channels=3, split_key=KEY)
     assert len(train) == 12 and train.class_names == ("1", "2", "3", "4")
     np.testing.assert_array_equal(test.images, pixels)
     np.testing.assert_array_equal(test.labels, [0, 1, 2, 3, 0, 1])
@@ -182,7 +184,7 @@ def test_cifar_without_label_names_is_a_user_error(tmp_path):
     write_cifar10(tmp_path / "cifar")
     dump(tmp_path / "cifar" / "batches.meta", {b"num_cases_per_batch": 10000})
     with pytest.raises(UserError, match="batches.meta: no label_names in it"):
-        load_sensitive(str(tmp_path / "cifar"), resolution=32, channels=3)
+        load_sensitive(str(tmp_path / "cifar"), resolution=32, channels=3, split_key=KEY)
 
 
 def test_lazy_subsets_copy_no_pixels_and_key_caches_by_selection(tmp_path):
@@ -258,11 +260,12 @@ def test_hugging_face_save_to_disk_folder_and_parquet(tmp_path, monkeypatch):
         for name, count, shade in (("train", 6, 0), ("test", 4, 100))
     }
     datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "hf"))
-    train, test = load_sensitive(str(tmp_path / "hf"), resolution=8, channels=3)
+    train, test = load_sensitive(str(tmp_path / "hf"), resolution=8, channels=3, split_key=KEY)
     assert train.class_names == ("cat", "dog") and len(train) == 6 and len(test) == 4
     assert train.images[3].max() == 3 and test.images[0].min() == 100  # the saved test split
     np.testing.assert_array_equal(test.labels, [0, 1, 0, 1])
-    public = load_dataset(str(tmp_path / "train.parquet"), resolution=8, channels=1, cache_dir=tmp_path / "c", convert=True)
+    public = load_dataset(str(tmp_path / "train.parquet"), resolution=8, channels=1, cache_dir=tmp_path / "c",
+                          convert=True)
     assert public.images.shape == (6, 8, 8, 1) and public.class_names == ("cat", "dog")
     assert not (tmp_path / "hf-cache").exists()  # no copy of the data in the Hugging Face cache
 

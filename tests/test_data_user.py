@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive, to_tensor, to_uint8
+from privimage.data import ImageDataset, default_cache_dir, keyed_split, load_dataset, load_sensitive, to_tensor, to_uint8
 from privimage.data.user import convert_image
 from privimage.errors import UserError
 
@@ -110,22 +110,39 @@ def test_separate_test_set_is_aligned_to_training_classes(tmp_path):
         save(tmp_path / "train" / name / "0.png", gray(10))
     save(tmp_path / "test" / "eel" / "0.png", gray(10))
     train_dir, test_dir = str(tmp_path / "train"), str(tmp_path / "test")
-    train, test = load_sensitive(train_dir, resolution=8, channels=1, test_spec=test_dir)
+    train, test = load_sensitive(train_dir, resolution=8, channels=1, test_spec=test_dir, split_key=KEY)
     assert test.class_names == train.class_names and test.labels.tolist() == [2]
     save(tmp_path / "other" / "fox" / "0.png", gray(10))
     with pytest.raises(UserError, match="fox"):
-        load_sensitive(train_dir, resolution=8, channels=1, test_spec=str(tmp_path / "other"))
+        load_sensitive(train_dir, resolution=8, channels=1, test_spec=str(tmp_path / "other"), split_key=KEY)
 
 
-def test_random_split_of_a_folder(tmp_path):
-    for index in range(10):
+KEY = bytes(32)
+
+
+def test_keyed_split_of_a_folder(tmp_path):
+    for index in range(40):
         save(tmp_path / "pics" / f"{index}.png", gray(index))
-    train, test = load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=0.3)
-    assert (len(train), len(test)) == (7, 3)
+    train, test = load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=0.3, split_key=KEY)
     values = np.concatenate([train.images[:, 0, 0, 0], test.images[:, 0, 0, 0]])
-    assert sorted(values.tolist()) == list(range(10))
+    assert sorted(values.tolist()) == list(range(40))  # a partition
+    assert 3 <= len(test) <= 21  # Binomial(40, 0.3): mean 12, std 2.9
+    again = load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=0.3, split_key=KEY)
+    assert again[1].fingerprint() == test.fingerprint()  # same key, same split
+    other = load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=0.3, split_key=b"x" * 32)
+    assert other[1].fingerprint() != test.fingerprint()  # the key decides it (fails with chance ~1e-11)
     with pytest.raises(UserError, match="test_fraction"):
-        load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=1.5)
+        load_sensitive(str(tmp_path / "pics"), resolution=8, channels=1, test_fraction=1.5, split_key=KEY)
+
+
+def test_adding_one_image_moves_no_other_between_train_and_test():
+    """Neighbouring datasets must have neighbouring training splits (a permutation moved ~20 % of images)."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (500, 8, 8, 1), dtype=np.uint8)
+    labels = rng.integers(0, 3, 500).astype(np.int64)
+    small = ImageDataset(images[1:], labels[1:], ("a", "b", "c"), "d")
+    large = ImageDataset(images, labels, ("a", "b", "c"), "d")
+    assert np.array_equal(keyed_split(large, 0.2, KEY)[1:], keyed_split(small, 0.2, KEY))
 
 
 def test_tensor_round_trip():

@@ -11,6 +11,7 @@ from torch import nn
 
 from privimage import distributed
 from privimage.privacy.dpsgd import DPSGD
+from privimage.privacy.noise import GaussianNoise
 
 WORLD = 2
 DIM = 100  # a DIM×DIM linear map: 10,000 noisy coordinates per update
@@ -33,7 +34,7 @@ def _zero_gradient(forward, x, y):
 
 def _engine(model, loss_fn, sigma, seed):
     return DPSGD(model, loss_fn, clip_norm=CLIP, noise_multiplier=sigma, expected_batch_size=BATCH,
-                 max_physical_batch=4, loss_weight=0.0, generator=torch.Generator().manual_seed(seed))
+                 max_physical_batch=4, loss_weight=0.0, noise=GaussianNoise(seed=seed))
 
 
 def _data():

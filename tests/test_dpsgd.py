@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from privimage.privacy.dpsgd import DPSGD, poisson_batches
+from privimage.privacy.noise import GaussianNoise
 
 
 class TinyNet(nn.Module):
@@ -103,7 +104,7 @@ def test_gradient_noise_has_the_promised_std(loss_weight: float) -> None:
     sigma, clip_norm, expected_batch_size = 2.0, 0.5, 4.0
     engine = DPSGD(model, cross_entropy, clip_norm=clip_norm, noise_multiplier=sigma,
                    expected_batch_size=expected_batch_size, loss_weight=loss_weight,
-                   generator=torch.Generator().manual_seed(0))
+                   noise=GaussianNoise(seed=0))
     released_loss = engine.step(torch.empty(0, 100), torch.empty(0, dtype=torch.long), frozen_sgd(model))
 
     noise = torch.cat([p.grad.flatten() for p in model.parameters()]) * expected_batch_size
@@ -118,7 +119,7 @@ def test_released_loss_is_a_noisy_estimate_with_the_promised_std() -> None:
     sigma, clip_norm, loss_weight, loss_clip, expected_batch_size = 1.0, 0.1, 0.5, 2.0, 10.0
     engine = DPSGD(model, cross_entropy, clip_norm=clip_norm, noise_multiplier=sigma,
                    expected_batch_size=expected_batch_size, loss_weight=loss_weight, loss_clip=loss_clip,
-                   generator=torch.Generator().manual_seed(0))
+                   noise=GaussianNoise(seed=0))
     empty_x, empty_y = torch.empty(0, 2), torch.empty(0, dtype=torch.long)
     losses = torch.tensor([engine.step(empty_x, empty_y, frozen_sgd(model)) for _ in range(300)])
 
@@ -170,7 +171,7 @@ def test_empty_batch_releases_noise_only() -> None:
 
 def test_poisson_batch_sizes_have_mean_qn() -> None:
     num_samples, sample_rate, steps = 1000, 0.05, 400
-    batches = list(poisson_batches(num_samples, sample_rate, steps, torch.Generator().manual_seed(0)))
+    batches = list(poisson_batches(num_samples, sample_rate, steps, GaussianNoise(seed=0)))
     sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
     assert len(batches) == steps
     assert sizes.mean().item() == pytest.approx(sample_rate * num_samples, abs=1.5)  # std of the mean: 0.34
@@ -179,7 +180,7 @@ def test_poisson_batch_sizes_have_mean_qn() -> None:
         assert indices.dtype == torch.long
         assert torch.equal(indices, indices.unique())  # sorted, no repeats
         assert indices.numel() == 0 or 0 <= indices.min() <= indices.max() < num_samples
-    again = list(poisson_batches(num_samples, sample_rate, 3, torch.Generator().manual_seed(0)))
+    again = list(poisson_batches(num_samples, sample_rate, 3, GaussianNoise(seed=0)))
     assert all(torch.equal(a, b) for a, b in zip(again, batches))
 
 
@@ -192,7 +193,7 @@ def test_single_process_group_gives_the_same_step(tmp_path) -> None:
 
     def released_gradients(net: nn.Module) -> list[Tensor]:
         engine = DPSGD(net, cross_entropy, clip_norm=0.1, noise_multiplier=1.0, expected_batch_size=5.0,
-                       generator=torch.Generator().manual_seed(1))
+                       noise=GaussianNoise(seed=1))
         engine.step(x, y, frozen_sgd(net))
         return [p.grad for p in net.parameters()]
 
@@ -204,3 +205,30 @@ def test_single_process_group_gives_the_same_step(tmp_path) -> None:
         dist.destroy_process_group()
     for a, t in zip(alone, together):
         torch.testing.assert_close(a, t)
+
+
+def test_a_sample_with_a_non_finite_loss_contributes_nothing() -> None:
+    """Fail closed on numbers: a NaN/inf sample adds zero to the released sums; the others are unchanged."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    x, y = batch(5)
+    poisoned = x.clone()
+    poisoned[2] = float("nan")
+    poisoned[4, 0, 0, 0] = float("inf")
+    keep = torch.tensor([0, 1, 3])
+
+    engine = DPSGD(model, cross_entropy, clip_norm=0.1, noise_multiplier=0.0, expected_batch_size=5.0)
+    clean_sums, clean_loss = engine._clipped_sums(x[keep], y[keep])
+    bad_sums, bad_loss = engine._clipped_sums(poisoned, y)
+    for name in clean_sums:
+        torch.testing.assert_close(bad_sums[name], clean_sums[name])
+    torch.testing.assert_close(bad_loss, clean_loss)
+    assert math.isfinite(engine.step(poisoned, y, frozen_sgd(model)))
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_dp_noise_is_seeded_from_at_least_128_bits_of_os_entropy() -> None:
+    """A 63-bit seed could be searched against published noisy values; PCG64 is seeded with 256 bits."""
+    seeds = [GaussianNoise().rng.bit_generator.seed_seq.entropy for _ in range(4)]
+    assert len(set(seeds)) == 4
+    assert max(s.bit_length() for s in seeds) > 128  # each is uniform on 256 bits: fails with chance 2^-(4·128)

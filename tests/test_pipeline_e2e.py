@@ -56,7 +56,12 @@ def test_semantics_artifact_holds_only_noisy_values(quick_run):
     semantics = json.loads((run / "semantics.json").read_text())
     assert set(semantics["selected"]) == {str(d) for d in range(10)}
     rows = np.array(list(semantics["noisy_votes"]["rows"].values()))
-    assert not np.allclose(rows, np.round(rows))  # noisy, hence not integer vote counts
+    assert rows.dtype.kind == "i"  # noisy votes are published rounded: no digits beyond what selection needs
+    assert "test_split_top1_same_semantic" not in json.dumps(semantics)  # a test-split statistic: private only
+    private = run / "private"
+    assert "test_split_top1_same_semantic" in json.loads((private / "semantics.json").read_text())
+    assert private.stat().st_mode & 0o777 == 0o700
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in private.rglob("*") if p.is_file())
 
 
 def test_summary_reports_spend_and_location(quick_run):
@@ -141,6 +146,8 @@ def test_torchrun_with_two_processes_spends_exactly_what_one_process_does(quick_
     """DDP on 2 CPU processes (gloo): the same ledger as the single-process run, one set of artifacts."""
     run, _ = quick_run
     env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
+    (tmp_path / "r2" / "private").mkdir(parents=True)  # the same split key, so the same training split and N
+    shutil.copy(run / "private" / "split.key", tmp_path / "r2" / "private" / "split.key")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "privimage", "run", "--preset", "quick", "--out", "r2"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

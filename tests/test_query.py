@@ -5,6 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from privimage.privacy.noise import GaussianNoise
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
 
 
@@ -18,26 +19,26 @@ def test_vote_histogram_counts_top_k_in_own_row():
 
 def test_tiny_sigma_gives_exact_top_k_selection():
     hist = np.array([[50, 40, 3, 0, 0, 0], [45, 0, 30, 20, 0, 0], [0, 0, 0, 0, 9, 8]])
-    noisy = noisy_histogram(hist, query_sigma=1e-6, k=3, rng=np.random.default_rng(0))
+    noisy = noisy_histogram(hist, query_sigma=1e-6, k=3, noise=GaussianNoise(seed=0))
     # class 1 would pick public 0 but class 0 took it first: it falls back to its next best.
     assert select_semantics(noisy, per_class=2) == [[0, 1], [2, 3], [4, 5]]
 
 
 def test_noise_std_is_sigma_times_sqrt_k():
     hist = np.zeros((50, 400), dtype=np.int64)
-    noisy = noisy_histogram(hist, query_sigma=3.0, k=4, rng=np.random.default_rng(1))
+    noisy = noisy_histogram(hist, query_sigma=3.0, k=4, noise=GaussianNoise(seed=1))
     assert noisy.std() == pytest.approx(3.0 * 2.0, rel=0.02)
     assert abs(noisy.mean()) < 4 * 6.0 / np.sqrt(noisy.size)  # 4 standard errors of the mean
 
 
 def test_huge_sigma_selection_is_chance():
     """At σ_q far above any count the picks carry no information: hits ≈ per_class / P."""
-    rng = np.random.default_rng(2)
+    noise = GaussianNoise(seed=2)
     num_public, trials, hits = 20, 400, 0
     hist = np.zeros((1, num_public), dtype=np.int64)
     hist[0, 0] = 100  # the true answer: public class 0
     for _ in range(trials):
-        hits += 0 in select_semantics(noisy_histogram(hist, 1e6, 1, rng), per_class=1)[0]
+        hits += 0 in select_semantics(noisy_histogram(hist, 1e6, 1, noise), per_class=1)[0]
     assert hits / trials < 0.05 + 3 * np.sqrt(0.05 * 0.95 / trials)
 
 

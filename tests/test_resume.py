@@ -15,11 +15,17 @@ import pytest
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.pipeline import Pipeline
+from privimage.privacy.ledger import Booking
 from privimage.semantics.stage import query_mechanism
 
 pytestmark = pytest.mark.slow
 
 COMMAND = [sys.executable, "-m", "privimage", "run", "--preset", "quick", "--out", "r"]
+
+
+def opened(cfg, out) -> Pipeline:
+    """Validate, then lock and create the run directory, as the CLI does."""
+    return Pipeline(cfg, out).validate().create()
 
 
 def kill_during(stage_before: str, root, env, rng) -> None:
@@ -58,9 +64,9 @@ def test_killed_runs_resume_with_an_exact_ledger_and_whole_artifacts(tmp_path, c
 
 def test_a_query_booked_before_a_kill_is_not_booked_again(tmp_path, cache_dir):
     cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}"])
-    pipeline = Pipeline.open(cfg, tmp_path / "r")
+    pipeline = opened(cfg, tmp_path / "r")
     release = pipeline.stage_fingerprint("semantics")
-    pipeline.ledger.book(query_mechanism(cfg, release))  # booked, then killed before semantics.json
+    pipeline.ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked, then killed before semantics.json
     pipeline.run_stage("semantics")
     assert [m.stage for m in pipeline.ledger.reread().entries] == ["semantics"]
     pipeline.run_stage("semantics", force=True)  # semantics.json holds this release: reused, not redone

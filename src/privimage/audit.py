@@ -3,11 +3,14 @@
 m canaries (random block patterns, nothing like the data) each join the training set with
 probability 1/2, drawn from OS entropy. Each canary has a class of its own, so one row of the
 denoiser's label embedding is trained by that canary alone: the most telling mark an image can leave.
-DP-SGD then fine-tunes a fresh denoiser on a slice of the sensitive training split plus the canaries
-that joined, exactly as `privimage finetune` does, with its own ledger. A canary's score is how much
+DP-SGD then fine-tunes a fresh denoiser on a slice of the *public* data plus the canaries that joined,
+exactly as `privimage finetune` does, with its own ledger and a sampling rate fixed in advance (it must
+not depend on how many canaries joined). The sensitive data is never read: an audit spends nothing. A canary's score is how much
 its diffusion loss changes when its label's embedding row is reset to its initial weights (both
 losses on the same fixed noise draws): only a member has taught its label anything. The one-run
-audit (privacy/audit.py) turns the guesses into a lower bound on ε, which must stay below the ε the ledger claims. With the DP noise
+audit (privacy/audit.py) turns the guesses into a lower bound on ε, which must stay below the ε the
+ledger claims. The audit can prove at most `epsilon_lower_bound_max` (every guess right); a claim above
+it is inconclusive, whatever the training does. With the DP noise
 switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
 exceed the claim by far: that is what shows the audit can see a leak.
 """
@@ -15,6 +18,7 @@ exceed the claim by far: that is what shows the audit can see a leak.
 from __future__ import annotations
 
 import copy
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +26,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from privimage.config import to_yaml
-from privimage.data import ImageDataset, default_cache_dir, load_sensitive, to_tensor
+from privimage.data import ImageDataset, default_cache_dir, load_dataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.train import CHECKPOINT_FILE, build_denoiser, finetune, plan_finetune
 from privimage.checkpoint import load_checkpoint
 from privimage.errors import UserError
 from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
 from privimage.privacy.ledger import PrivacyLedger
-from privimage.rundir import RunDir, write_json, write_text
-from privimage.runtime import private_numpy_rng, resolve_device
+from privimage.atomic import write_json, write_text
+from privimage.rundir import RunDir
+from privimage.runtime import resolve_device
 
 CANARY_BLOCK = 4  # pixels per side of a canary's random blocks
 
@@ -74,41 +79,53 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
     cfg = audit_config(cfg)
     device = resolve_device(cfg.device)
     cache_dir = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
-    train, _ = load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels,
-                              test_fraction=d.test_fraction, test_spec=d.sensitive_test, cache_dir=cache_dir)
-    rng = private_numpy_rng()  # who is in stays unknown to everyone until the scores are in
+    public = load_dataset(d.public, resolution=d.resolution, channels=d.channels, cache_dir=cache_dir,
+                          glyph_samples=d.glyph_samples, seed=0, convert=True)
+    planned_size = a.public_images + a.canaries / 2  # the expected training set, fixed before the coin flips
+    plan_finetune(cfg, planned_size, [])  # a budget too small refuses here, before anything is written
+    rng = np.random.default_rng(secrets.randbits(256))  # who is in stays unknown to everyone until the scores are in
     canaries = make_canaries(a.canaries, d.resolution, d.channels, rng)
-    canary_labels = train.num_classes + np.arange(a.canaries)  # a class of its own for each canary
-    class_names = train.class_names + tuple(f"canary:{i}" for i in range(a.canaries))
+    canary_labels = public.num_classes + np.arange(a.canaries)  # a class of its own for each canary
+    class_names = public.class_names + tuple(f"canary:{i}" for i in range(a.canaries))
     included = rng.random(a.canaries) < 0.5
-    real = train.subset(np.sort(rng.permutation(len(train))[: a.sensitive_images]))
+    real = public.subset(np.sort(rng.permutation(len(public))[: a.public_images]))
     data = ImageDataset(np.concatenate([real.images, canaries[included]]),
                         np.concatenate([real.labels, canary_labels[included]]), class_names, name="audit")
-    plan_finetune(cfg, len(data), [])  # a budget too small refuses here, before anything is written
 
     run.create()
+    lock = run.lock()
     write_text(run.config, to_yaml(cfg))
     ledger = PrivacyLedger.open(run.ledger, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
-    finetune(cfg, run, ledger, data, None, device, dp_noise=dp_noise)
+    finetune(cfg, run, ledger, data, None, device, dp_noise=dp_noise, planned_size=planned_size)
 
     trained = build_denoiser(cfg, data.num_classes)
     tensors, _ = load_checkpoint(run.finetune_dir / CHECKPOINT_FILE)
     trained.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    torch.manual_seed(cfg.seed)  # the initial weights fine-tuning started from (diffusion/train.py)
     labels_reset = copy.deepcopy(trained)
-    labels_reset.unet.class_embed.load_state_dict(build_denoiser(cfg, data.num_classes).unet.class_embed.state_dict())
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)  # the initial weights fine-tuning started from (diffusion/train.py)
+        initial = build_denoiser(cfg, data.num_classes)
+    labels_reset.unet.class_embed.load_state_dict(initial.unet.class_embed.state_dict())
     options = dict(draws=a.score_draws, seed=cfg.seed, sigma_data=cfg.model.sigma_data, device=device)
     losses = [diffusion_losses(net.to(device).eval(), canaries, canary_labels, **options)
               for net in (trained, labels_reset)]
     scores = np.abs(losses[0] - losses[1])
     correct = correct_guesses(scores, included, a.guesses)
+    ledger = ledger.reread()
+    claimed, delta, total = ledger.spent_epsilon(), cfg.privacy.delta, 2 * a.guesses
+    attainable = epsilon_lower_bound(total, total, a.beta, delta, a.canaries)
     result = {
-        "epsilon_lower_bound": epsilon_lower_bound(correct, 2 * a.guesses, a.beta),
-        "epsilon_claimed": ledger.reread().spent_epsilon(),
-        "delta": cfg.privacy.delta,
+        "epsilon_lower_bound": epsilon_lower_bound(correct, total, a.beta, delta, a.canaries),
+        "epsilon_lower_bound_max": attainable,
+        "conclusive": claimed <= attainable,
+        "epsilon_claimed": claimed,
+        "delta": delta,
         "dp_noise": dp_noise,
-        "canaries": a.canaries, "guesses": 2 * a.guesses, "correct_guesses": correct, "beta": a.beta,
-        "method": "one-run audit, Steinke, Nasr & Jagielski 2023 (δ = 0 bound); score = |loss change when the canary's label row is reset|",
+        "canaries": a.canaries, "guesses": total, "correct_guesses": correct, "beta": a.beta,
+        "sample_rate": ledger.find("finetune").mechanism.sample_rate,
+        "method": "one-run audit, Steinke, Nasr & Jagielski 2023, (ε, δ) bound; score = |loss change when the "
+                  "canary's label row is reset|; public images + canaries, no sensitive data",
     }
     write_json(run.root / "audit.json", result)
+    lock.release()
     return result

@@ -2,11 +2,13 @@
 
 Each (method, ε) is an ordinary run directory `DIR/<method>-eps<ε>` made from the same configuration
 (same model, same DP-SGD steps and batch, same pretraining steps for privimage and pdp): only `method`
-and `privacy.epsilon` differ. Runs are resumable and skipped when done, like `privimage run`.
+and `privacy.epsilon` differ, and all share one train/test split. Runs are resumable and skipped when
+done, like `privimage run`.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -14,11 +16,13 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from privimage.checkpoint import load_checkpoint
-from privimage.config import METHODS, validate
+from privimage.config import validate
 from privimage.diffusion.train import MODEL_FILE
 from privimage.errors import UserError
+from privimage.methods import METHODS
 from privimage.report.figures import figure_png
-from privimage.rundir import RunDir, read_json, write_bytes, write_text
+from privimage.atomic import read_json, write_bytes, write_text
+from privimage.rundir import RunDir
 
 STAGE_COLUMNS = ("semantics", "pretrain", "finetune", "sample", "evaluate")
 
@@ -48,18 +52,28 @@ def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[fl
     return configs
 
 
+def share_split_key(out: Path, names: Sequence[str]) -> None:
+    """Give every run of a benchmark the same train/test split, so that methods differ only in method.
+
+    The key is made once for the benchmark folder and copied into each run directory that has none.
+    """
+    key = Path(out) / "private" / "split.key"
+    if not key.exists():
+        write_bytes(key, secrets.token_bytes(32), private=True)
+    for name in names:
+        run = RunDir(Path(out) / name)
+        if not run.split_key.exists() and not run.holds_results():
+            write_bytes(run.split_key, key.read_bytes(), private=True)
+
+
 def parameter_count(model_file: Path) -> int:
     tensors, _ = load_checkpoint(model_file)
     return sum(tensor.numel() for tensor in tensors.values())  # the denoiser has no buffers: all are parameters
 
 
-def bench_row(name: str, cfg: DictConfig, run: RunDir, public_size: int) -> dict:
+def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> dict:
     """What bench.md shows about one finished run, read from its artifacts."""
     ledger, metrics = read_json(run.ledger), read_json(run.metrics)
-    if cfg.method == "privimage":
-        public_images = read_json(run.semantics)["public_images"]
-    else:
-        public_images = public_size if cfg.method == "pdp" else 0
     seconds, reused = {}, []
     for stage in STAGE_COLUMNS:
         marker = run.stages / f"{stage}.json"

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from privimage.errors import UserError
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 METADATA_KEY = "privimage"
 
@@ -43,8 +43,8 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
             tensors = {name: reader.get_tensor(name) for name in reader.keys()}
             metadata = json.loads((reader.metadata() or {})[METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
-        raise UserError(f"checkpoint {path} is corrupt or truncated ({error}): "
-                        "delete it to restart the stage") from error
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({error}): the run cannot continue from it; "
+                        "use a new --out") from error
     return tensors, metadata
 
 

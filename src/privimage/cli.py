@@ -1,7 +1,7 @@
 """Command line: `privimage <command> [--out DIR] [--preset P] [--config F.yaml] [key=value ...]`.
 
-A thin layer: it resolves the configuration, opens the pipeline and prints results. Every
-`UserError` becomes one line on stderr and exit status 2.
+A thin layer over the Python API (`privimage.api.PrivImage`): it resolves the configuration, hands it
+to the API and prints results. Every `UserError` becomes one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -34,38 +34,41 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="key=value overri
 DEFAULT_OUT = Path("runs/default")
 
 
-def _pipeline(out: Path, preset: str | None, config: Path | None, overrides: list[str] | None, stage: str | None = None):
-    """Resolve the config and open the run directory, after every check that can refuse the command."""
-    from privimage.pipeline import Pipeline
+def _model(out: Path, preset: str | None, config: Path | None, overrides: list[str] | None):
+    """The Python API's model for this command line: the CLI only parses and prints."""
+    from privimage.api import PrivImage
 
-    cfg = load_config(preset, config, overrides or (), saved=out / "config.yaml")
-    pipeline = Pipeline(cfg, out).validate()
-    if stage is not None:
-        pipeline.check_runnable(stage)
-    return pipeline.create()
+    return PrivImage.from_config(load_config(preset, config, overrides or (), saved=out / "config.yaml"), out)
+
+
+def _status(result) -> str:
+    return "up to date, skipped" if result.skipped else f"done in {result.seconds:.0f}s"
 
 
 def _stage_command(stage: str, help_text: str) -> None:
     def command(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None,
                 overrides: Overrides = None,
                 force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False) -> None:
-        result = _pipeline(out, preset, config, overrides, stage).run_stage(stage, force=force)
-        console.print(f"{stage}: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
+        _model(out, preset, config, overrides).run(
+            [stage], force=force, on_stage=lambda r: console.print(f"{r.stage}: {_status(r)}"))
 
     command.__doc__ = help_text
     app.command(name=stage)(command)
 
 
 @app.command()
-def run(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None) -> None:
+def run(
+    out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
+    minutes: Annotated[Optional[float], typer.Option(
+        help="Time budget of the whole run (the `minutes` key); default: the step counts as configured.")] = None,
+) -> None:
     """Run the whole pipeline: semantics → pretrain → finetune → sample → evaluate → report."""
     from privimage.report.summary import print_summary
 
-    pipeline = _pipeline(out, preset, config, overrides)
-    results = pipeline.run_all(
-        lambda r: console.print(f"[bold]{r.stage}[/]: " + ("up to date, skipped" if r.skipped else f"done in {r.seconds:.0f}s"))
-    )
-    print_summary(pipeline.run, results, console)
+    extra = [f"minutes={minutes}"] if minutes is not None else []
+    model = _model(out, preset, config, [*(overrides or []), *extra])
+    results = model.run(on_stage=lambda r: console.print(f"[bold]{r.stage}[/]: {_status(r)}"))
+    print_summary(model.pipeline.run, results, console)
 
 
 _stage_command("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.")
@@ -80,8 +83,8 @@ def sample(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = N
            n: Annotated[Optional[int], typer.Option("--n", help="Number of images (sample.n).")] = None) -> None:
     """Sample a labelled synthetic dataset (synthetic.npz, PNG folders, samples.png); no privacy cost."""
     extra = [f"sample.n={n}"] if n is not None else []
-    result = _pipeline(out, preset, config, [*(overrides or []), *extra], "sample").run_stage("sample")
-    console.print(f"sample: {'up to date, skipped' if result.skipped else f'done in {result.seconds:.0f}s'}")
+    _model(out, preset, config, [*(overrides or []), *extra]).run(
+        ["sample"], on_stage=lambda r: console.print(f"sample: {_status(r)}"))
 
 
 @app.command()
@@ -92,19 +95,19 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm.")] = "privimage,pdp,dpdm",
 ) -> None:
     """Every method at every ε at equal compute; writes bench.md (table) and bench.png (FID, accuracy vs ε)."""
-    from privimage.bench import bench_configs, bench_row, parse_list, write_bench
-    from privimage.pipeline import Pipeline
+    from privimage.api import PrivImage
+    from privimage.bench import bench_configs, bench_row, parse_list, share_split_key, write_bench
 
     cfg = load_config(preset, config, overrides or ())
     configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float))
-    pipelines = {name: Pipeline(run_cfg, out / name).validate() for name, run_cfg in configs.items()}
+    share_split_key(out, list(configs))
+    models = {name: PrivImage.from_config(run_cfg, out / name).validate() for name, run_cfg in configs.items()}
     rows = []
-    for name, pipeline in pipelines.items():
+    for name, model in models.items():
         console.print(f"[bold]{name}[/]")
-        pipeline.create().run_all(lambda r: console.print(
-            f"  {r.stage}: " + ("up to date, skipped" if r.skipped else f"done in {r.seconds:.0f}s")))
-        public_size = len(pipeline.public) if pipeline.cfg.method != "dpdm" else 0
-        rows.append(bench_row(name, pipeline.cfg, pipeline.run, public_size))
+        model.run(on_stage=lambda r: console.print(f"  {r.stage}: {_status(r)}"))
+        pipeline = model.pipeline
+        rows.append(bench_row(name, pipeline.cfg, pipeline.run, pipeline.public_images_used()))
         write_bench(out, rows)  # after every run, so a long benchmark shows its progress
     console.print(f"benchmark: {out / 'bench.md'}, {out / 'bench.png'}")
 
@@ -125,6 +128,10 @@ def audit(
     console.print(f"ε lower bound {result['epsilon_lower_bound']:.3f} (confidence {1 - result['beta']:g}) vs "
                   f"claimed ε {result['epsilon_claimed']:.3f}; {result['correct_guesses']}/{result['guesses']} "
                   f"guesses right; {out / 'audit.json'}")
+    if not result["conclusive"]:
+        console.print(f"inconclusive: with {result['guesses']} guesses this audit can prove at most "
+                      f"ε = {result['epsilon_lower_bound_max']:.2f}, below the claimed {result['epsilon_claimed']:.3f}, "
+                      "so it cannot tell whether the claim holds; raise audit.canaries and audit.guesses")
 
 
 @app.command()
@@ -137,7 +144,7 @@ def budget(
     accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
 ) -> None:
     """Calibrate DP-SGD's noise so that query + DP-SGD meet (ε, δ); prints one JSON object."""
-    from privimage.privacy.accountant import budget as compute_budget
+    from privimage.privacy.accountant import FixedReleasesExceedTarget, NoiseBeyondLimit, budget as compute_budget
 
     if not 0 < sample_rate <= 1:
         raise UserError(f"--sample-rate must be in (0, 1] (got {sample_rate})")
@@ -147,7 +154,12 @@ def budget(
         raise UserError(f"--accountant must be rdp or prv (got {accountant})")
     if epsilon <= 0 or not 0 < delta < 1 or query_sigma < 0:
         raise UserError("need --epsilon > 0, 0 < --delta < 1 and --query-sigma >= 0")
-    print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
+    try:
+        print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
+    except FixedReleasesExceedTarget as error:
+        raise UserError(f"{error}: raise --query-sigma or --epsilon") from None
+    except NoiseBeyondLimit as error:
+        raise UserError(f"{error}: raise --epsilon or lower --steps") from None
 
 
 @app.command()

@@ -12,15 +12,15 @@ import json
 import math
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from privimage.errors import UserError
+from privimage.methods import METHODS
 
 PRESETS = ("quick", "default", "paper")
-METHODS = ("privimage", "pdp", "dpdm")
 
 
 def _preset_yaml(name: str) -> DictConfig:
@@ -53,15 +53,26 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
         raise UserError(f"overrides: {str(exc).splitlines()[0]}: write them as key=value") from None
 
 
+def _keys_layer(keys: Mapping[str, Any]) -> DictConfig:
+    """{"finetune.steps": 60, ...} (the Python API's overrides) as a nested config layer."""
+    layer = OmegaConf.create({})
+    for key, value in keys.items():
+        if not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{key}' is not a config key: write it as section.key, e.g. finetune.steps")
+        OmegaConf.update(layer, key, value, force_add=True)
+    return layer
+
+
 def load_config(
     preset: str | None = None,
     config_file: str | Path | None = None,
-    overrides: Sequence[str] = (),
+    overrides: Sequence[str] | Mapping[str, Any] = (),
     saved: str | Path | None = None,
 ) -> DictConfig:
     """Resolve a configuration.
 
-    With neither `preset` nor `config_file`, an existing run's `saved` config.yaml is the starting
+    `overrides` are `key=value` strings (the command line) or a mapping of dotted keys to values (the
+    Python API); both go through the same merge and validation. With neither `preset` nor `config_file`, an existing run's `saved` config.yaml is the starting
     point (so `privimage sample --out DIR` continues the run it names); otherwise the `default`
     preset.
     """
@@ -83,7 +94,8 @@ def load_config(
             except Exception as exc:  # yaml errors come in many types
                 raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax") from None
             cfg = _merge(cfg, layer, str(path))
-    cfg = _merge(cfg, _parse_overrides(overrides), "overrides")
+    layer = _keys_layer(overrides) if isinstance(overrides, Mapping) else _parse_overrides(overrides)
+    cfg = _merge(cfg, layer, "overrides")
     validate(cfg)
     return cfg
 
@@ -104,9 +116,12 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(p.delta) and 0 < p.delta < 1, f"privacy.delta must be in (0, 1), e.g. 1e-5 (got {p.delta})")
     _check(p.accountant in ("rdp", "prv"), f"privacy.accountant must be rdp or prv (got {p.accountant})")
     _check(isinstance(p.secure_rng, bool), f"privacy.secure_rng must be true or false (got {p.secure_rng})")
+    _check(cfg.minutes is None or (_is_number(cfg.minutes) and cfg.minutes > 0),
+           f"minutes must be a number of minutes > 0, or null for the configured step counts (got {cfg.minutes})")
     _check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)} (got {cfg.method})")
+    method = METHODS[cfg.method]
     _check(cfg.data.sensitive is not None, "data.sensitive is not set: give a built-in name, a folder or an .npz")
-    if cfg.method != "dpdm":
+    if method.uses_public_data:
         _check(cfg.data.public is not None, "data.public is not set: give a built-in name, a folder or an .npz")
     _check(isinstance(cfg.data.resolution, int) and cfg.data.resolution >= 8,
            f"data.resolution must be an integer >= 8 (got {cfg.data.resolution})")
@@ -117,8 +132,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(s.k, int) and s.k >= 1, f"semantics.k must be an integer >= 1 (got {s.k})")
     _check(_is_number(s.query_sigma) and s.query_sigma >= 0,
            f"semantics.query_sigma must be >= 0 (got {s.query_sigma})")
-    _check(cfg.method != "privimage" or s.query_sigma > 0,
-           "semantics.query_sigma must be > 0 for method=privimage (the vote query needs noise): e.g. 20")
+    _check(not method.queries_semantics or s.query_sigma > 0,
+           f"semantics.query_sigma must be > 0 for method={cfg.method} (the vote query needs noise): e.g. 20")
     _check(s.per_class is None or (isinstance(s.per_class, int) and s.per_class >= 1),
            f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
     _check(s.classifier.arch in ("cnn", "resnet"),
@@ -137,14 +152,24 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+    _check(isinstance(cfg.sample.steps, int) and cfg.sample.steps >= 1,
+           f"sample.steps must be an integer >= 1, e.g. 18 (got {cfg.sample.steps})")
+    m = cfg.model
+    levels = len(m.channel_mult)
+    _check(levels >= 1, "model.channel_mult is empty: give one multiplier per resolution level, e.g. [1, 2, 2]")
+    _check(cfg.data.resolution % 2 ** (levels - 1) == 0,
+           f"model.channel_mult has {levels} levels, which need data.resolution divisible by {2 ** (levels - 1)} "
+           f"(got {cfg.data.resolution}): use fewer levels or another resolution")
+    _check(isinstance(m.base_channels, int) and m.base_channels >= 2 and m.base_channels % 2 == 0,
+           f"model.base_channels must be an even integer such as 32 (got {m.base_channels})")
     e = cfg.evaluate
     _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
            f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")
     _check(_is_number(e.augment) and e.augment >= 0,
            f"evaluate.augment must be a number >= 0, 0 for no augmentation (got {e.augment})")
     a = cfg.audit
-    for key in ("canaries", "guesses", "sensitive_images", "steps", "batch_size", "score_draws"):
-        _check(isinstance(a[key], int) and a[key] >= (0 if key == "sensitive_images" else 1),
+    for key in ("canaries", "guesses", "public_images", "steps", "batch_size", "score_draws"):
+        _check(isinstance(a[key], int) and a[key] >= 1,
                f"audit.{key} must be a positive integer (got {a[key]})")
     _check(_is_number(a.beta) and 0 < a.beta < 1, f"audit.beta must be in (0, 1) (got {a.beta})")
 

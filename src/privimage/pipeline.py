@@ -5,13 +5,15 @@ holding a fingerprint of everything it depends on (its config sections and its u
 fingerprints). A stage whose marker matches is skipped; changing `sample.n` reruns sampling and
 what follows, never the privacy-spending stages before it.
 
-Everything that can be wrong with the input (config, data, budget) is checked by `Pipeline.open`
-before the run directory is touched, so a bad input never leaves a half-made run behind.
+Everything that can be wrong with the input (config, data, budget) is checked by `Pipeline.validate`
+before `create` touches the run directory, so a bad input never leaves a half-made run behind.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 import shutil
 import time
 from dataclasses import dataclass
@@ -26,20 +28,21 @@ from omegaconf import DictConfig, OmegaConf
 from privimage import distributed
 from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
-from privimage.diffusion.synthesize import generate, write_synthetic
+from privimage.diffusion.synthesize import balanced_labels, generate, write_synthetic
 from privimage.diffusion.train import MODEL_FILE, finetune, load_denoiser, plan_finetune, pretrain
 from privimage.evaluation.stage import run_evaluation
+from privimage.methods import METHODS, STAGES, Method
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.report.html import write_report
-from privimage.rundir import RunDir, atomic_path, read_json, write_json, write_text
-from privimage.runtime import noise_generator, resolve_device
-from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics
+from privimage.atomic import atomic_path, read_json, write_bytes, write_json, write_text
+from privimage.rundir import RunDir
+from privimage.runtime import dp_noise_source, resolve_device
+from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
+from privimage.semantics.stage import pretraining_set, query_mechanism, run_semantics, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
-
-STAGES = ("semantics", "pretrain", "finetune", "sample", "evaluate", "report")
 
 # The config sections each stage reads, beyond its upstream stages.
 _STAGE_KEYS: dict[str, tuple[str, ...]] = {
@@ -50,6 +53,7 @@ _STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "report": (),
 }
+SPLIT_KEY_BYTES = 32
 # Settings that, once a run directory has spent privacy, may not change under it.
 _FROZEN_KEYS = ("privacy", "data")
 
@@ -70,6 +74,8 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
         self._marker_notes: dict[str, dict] = {}  # extra facts a stage records in its marker
+        self.started = time.monotonic()  # `minutes` counts from here
+        self.plan: Plan | None = None
 
     def validate(self) -> "Pipeline":
         """Check the run directory, the data and the budget; touches nothing on disk."""
@@ -77,40 +83,87 @@ class Pipeline:
         if self.cfg.evaluate.fid and weights is not None and not Path(weights).is_file():
             raise UserError(f"evaluate.fid_weights={weights} is not a file: give a TorchScript Inception-v3 or null")
         if self.cfg.privacy.secure_rng:
-            noise_generator(secure=True)  # refuses early when torchcsprng is missing
+            dp_noise_source(secure=True)  # refuses early when torchcsprng is missing
         self._check_existing_run()
         self.sensitive_train, self.sensitive_test  # noqa: B018 -- load (and validate) the data now
-        if self.cfg.method != "dpdm":
+        if self.method.uses_public_data:
             self.public  # noqa: B018
+        if self.cfg.minutes is not None:
+            self._apply_plan()
         self.planned_mechanisms()  # refuses a budget too small to train
         return self
 
-    @classmethod
-    def open(cls, cfg: DictConfig, out: str | Path) -> "Pipeline":
-        """Validate everything, then create (or reopen) the run directory and its ledger."""
-        return cls(cfg, Path(out)).validate().create()
+    def _apply_plan(self) -> None:
+        """Step counts for `minutes`: the run directory's plan when it has one (a resumed run keeps its
+        plan), else a new one from the probe. Made before any sensitive image is read."""
+        if self.run.plan.exists():
+            plan = Plan(**read_json(self.run.plan))
+        else:
+            plan = distributed.broadcast(self._make_plan() if distributed.is_main() else None)
+        self.plan = plan
+        self.cfg = OmegaConf.merge(self.cfg, plan.overrides())
+
+    def _make_plan(self) -> Plan:
+        num_classes = self.sensitive_train.num_classes
+        throughput = probe(self.cfg, num_classes, self.device)
+        semantics_seconds = 0.0
+        if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
+            c = self.cfg.semantics.classifier
+            throughput["semantic_classifier_image_epoch"] = classifier_throughput(
+                self.cfg, self.public, self.device)
+            semantics_seconds = c.epochs * len(self.public) * throughput["semantic_classifier_image_epoch"]
+        seconds_left = 60 * self.cfg.minutes - (time.monotonic() - self.started)
+        plan = make_plan(self.cfg, throughput, seconds_left, semantics_seconds=semantics_seconds,
+                         evaluations_per_classifier=evaluations_per_classifier(self.cfg),
+                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
+        logger.info("plan for %g minutes: %s", self.cfg.minutes, json.dumps(
+            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
+             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
+        return plan
 
     def create(self) -> "Pipeline":
-        """Create (or reopen) the run directory, its config.yaml and its ledger."""
+        """Lock and create (or reopen) the run directory, its config.yaml, ledger and split key.
+
+        The lock (rank 0 holds it under torchrun) lasts as long as this process or `close()`. Every
+        check of the existing run is repeated under it. A directory holding results but no ledger or
+        no split key is refused: a fresh ledger would forget what was spent, a fresh key would move
+        images between the train and test splits.
+        """
         created = not self.run.root.exists()
         privacy = self.cfg.privacy
         if distributed.is_main():
             try:
                 self.run.create()
+                self._lock = self.run.lock()
+                self._check_existing_run()
+                holds_results = self.run.holds_results()
                 write_text(self.run.config, to_yaml(self.cfg))
-                self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant)
+                self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
+                                                 create=not holds_results)
+                if not self.run.split_key.exists():
+                    write_bytes(self.run.split_key, self.split_key, private=True)
+                if self.plan is not None and not self.run.plan.exists():
+                    write_json(self.run.plan, self.plan.to_dict())
             except BaseException:
                 if created:
+                    self.close()
                     shutil.rmtree(self.run.root, ignore_errors=True)
                 raise
         distributed.barrier()  # under torchrun the other ranks read what rank 0 made
         if not distributed.is_main():
-            self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant)
+            self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
+                                             create=False)
         return self
+
+    def close(self) -> None:
+        """Release the run directory's lock (process exit releases it too)."""
+        lock = self.__dict__.pop("_lock", None)
+        if lock is not None:
+            lock.release()
 
     def _check_existing_run(self) -> None:
         if not self.run.config.exists():
-            if self.run.root.exists() and any(self.run.root.iterdir()):
+            if self.run.holds_results() or self.run.ledger.exists():
                 raise UserError(f"{self.run.root} exists and is not a privimage run directory: choose another --out")
             return
         saved = OmegaConf.load(self.run.config)
@@ -121,12 +174,24 @@ class Pipeline:
                     "on them: use a new --out for new settings"
                 )
 
+    @cached_property
+    def split_key(self) -> bytes:
+        """The key of the per-image train/test split: the run directory's, else a new one from OS entropy."""
+        if self.run.split_key.exists():
+            key = self.run.split_key.read_bytes()
+        elif self.run.holds_results() or (self.run.ledger.exists() and read_json(self.run.ledger).get("entries")):
+            raise UserError(f"{self.run.split_key} is missing but {self.run.root} holds results: without it the "
+                            "train/test split cannot be rebuilt; use a new --out")
+        else:
+            key = secrets.token_bytes(SPLIT_KEY_BYTES)
+        return distributed.broadcast(key)
+
     # -- data ---------------------------------------------------------------------------------
     @cached_property
     def _sensitive(self) -> tuple[ImageDataset, ImageDataset]:
         d = self.cfg.data
-        return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels,
-                              test_fraction=d.test_fraction, test_spec=d.sensitive_test, cache_dir=self.cache_dir)
+        return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels, test_fraction=d.test_fraction,
+                              test_spec=d.sensitive_test, cache_dir=self.cache_dir, split_key=self.split_key)
 
     @property
     def sensitive_train(self) -> ImageDataset:
@@ -145,13 +210,12 @@ class Pipeline:
     # -- privacy plan ---------------------------------------------------------------------------
     def planned_mechanisms(self) -> list[Mechanism]:
         """Every mechanism the run will apply, DP-SGD's σ calibrated so the composition meets the target."""
-        fixed = [query_mechanism(self.cfg)] if self.cfg.method == "privimage" else []
+        fixed = [query_mechanism(self.cfg)] if self.method.queries_semantics else []
         return fixed + [plan_finetune(self.cfg, len(self.sensitive_train), fixed)]
 
     # -- stages ----------------------------------------------------------------------------------
     def stages(self) -> tuple[str, ...]:
-        return tuple(s for s in STAGES if not (s == "semantics" and self.cfg.method != "privimage")
-                     and not (s == "pretrain" and self.cfg.method == "dpdm"))
+        return self.method.stages
 
     def stage_fingerprint(self, stage: str) -> str:
         upstream = [self.stage_fingerprint(s) for s in self.stages()[: self.stages().index(stage)]]
@@ -211,10 +275,20 @@ class Pipeline:
         run_semantics(self.cfg, self.run, self.ledger, self.sensitive_train, self.sensitive_test, self.public,
                       self.cache_dir, self.device, release=self.stage_fingerprint("semantics"))
 
+    @property
+    def method(self) -> Method:
+        return METHODS[self.cfg.method]
+
+    def public_images_used(self) -> int:
+        """How many public images the method pretrained on (after its stages ran)."""
+        if self.method.pretraining_data == "selected":
+            return int(read_json(self.run.semantics)["public_images"])
+        return len(self.public) if self.method.uses_public_data else 0
+
     def pretraining_data(self) -> ImageDataset:
-        """privimage: the selected public semantics, relabelled; pdp: all public data, unconditional."""
+        """The selected public semantics, relabelled; or all public data, unconditional (see methods.py)."""
         names = self.sensitive_train.class_names
-        if self.cfg.method == "privimage":
+        if self.method.pretraining_data == "selected":
             return pretraining_set(self.public, read_json(self.run.semantics)["selected"], names)
         null_labels = np.full(len(self.public), len(names), dtype=np.int64)  # the label-dropout class
         return ImageDataset(self.public.images, null_labels, (*names, "<unconditional>"), name=self.public.name)
@@ -252,19 +326,19 @@ class Pipeline:
     def _sample(self) -> None:
         names = self.sensitive_train.class_names
         net = load_denoiser(self.cfg, len(names), self.run.finetune_dir / MODEL_FILE, self.device)
-        with torch.inference_mode():
-            data = generate(net, names, self.cfg.sample.n, self.cfg, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(distributed.rank_seed(self.cfg.seed))
+        data = generate(net, names, balanced_labels(self.cfg.sample.n, len(names)), self.cfg, self.device, generator)
         if distributed.is_main():
             write_synthetic(self.run, data)
 
     def _evaluate(self) -> None:
         """Rank 0 alone: evaluation is cheap next to training."""
         if distributed.is_main():
-            run_evaluation(self.cfg, self.run, self.sensitive_train, self.sensitive_test, self.cache_dir, self.device)
+            run_evaluation(self.cfg, self.run, self.sensitive_train, self.sensitive_test, self.device)
 
     def _report(self) -> None:
         if distributed.is_main():
-            public = self.public if self.cfg.method == "privimage" else None
+            public = self.public if self.method.queries_semantics else None
             write_report(self.cfg, self.run, public, self.sensitive_test)
 
 

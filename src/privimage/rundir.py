@@ -1,59 +1,16 @@
-"""The run directory: one layout that every stage reads from and writes into.
+"""The run directory: one layout that every stage reads from and writes into, and its lock.
 
 Stages hand each other typed artifacts through it, so any stage can be rerun alone. Every file is
-written atomically (temporary file in the same folder, fsync, rename): a kill at any moment leaves
-either the old file or the new one, never half of one.
+written atomically (privimage.atomic).
 """
 
 from __future__ import annotations
 
-import json
+import fcntl
 import os
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
 
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts get the usual permissions
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+from privimage.errors import UserError
 
 
 class RunDir:
@@ -61,9 +18,6 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-
-    def __truediv__(self, name: str) -> Path:
-        return self.root / name
 
     config = property(lambda self: self.root / "config.yaml")
     ledger = property(lambda self: self.root / "privacy.json")
@@ -76,9 +30,57 @@ class RunDir:
     metrics = property(lambda self: self.root / "metrics.json")
     report = property(lambda self: self.root / "report.html")
     stages = property(lambda self: self.root / "stages")
-    logs = property(lambda self: self.root / "logs")
     tensorboard = property(lambda self: self.root / "tensorboard")
+    plan = property(lambda self: self.root / "plan.json")
+    private = property(lambda self: self.root / "private")  # for the data owner only (0700)
+    split_key = property(lambda self: self.root / "private" / "split.key")
+    lock_file = property(lambda self: self.root / ".lock")
 
     def create(self) -> "RunDir":
         self.root.mkdir(parents=True, exist_ok=True)
         return self
+
+    def holds_results(self) -> bool:
+        """Whether a stage has written anything here (beyond config, lock, ledger, plan and split key)."""
+        if not self.root.is_dir():
+            return False
+        for path in self.root.iterdir():
+            if path.name == "private":
+                if any(p != self.split_key for p in path.iterdir()):
+                    return True
+            elif path.name not in ("config.yaml", ".lock", "privacy.json", "plan.json"):
+                return True
+        return False
+
+    def lock(self) -> "RunLock":
+        return RunLock(self.lock_file)
+
+
+class RunLock:
+    """An exclusive `flock` on the run directory's lock file, held until `release` or process exit.
+
+    Two processes on one run directory (a requeued job whose old copy still runs, a second terminal)
+    would both pass the ledger's checks and overwrite each other's bookings; the second one is refused.
+    The kernel drops the lock when its holder dies, so a killed run never leaves a stale lock.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = open(path, "a+")
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise UserError(f"{path.parent} is in use by another privimage process (pid {holder}): wait for it to "
+                            "finish or stop it, or use another --out") from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        if not self._file.closed:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()

@@ -9,6 +9,7 @@ the models' float NCHW in [-1, 1].
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass, replace
@@ -28,14 +29,13 @@ __all__ = [
     "ImageDataset",
     "builtin_datasets",
     "default_cache_dir",
+    "keyed_split",
     "load_dataset",
     "load_sensitive",
     "to_tensor",
     "to_uint8",
 ]
 
-# The train/test split is part of the data, not of a run: every run on a dataset gets the same split.
-SPLIT_SEED = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,9 +180,10 @@ def load_sensitive(
     test_fraction: float = 0.2,
     test_spec: str | None = None,
     cache_dir: Path | None = None,
+    split_key: bytes,
 ) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) of the sensitive data: `test_spec` as the test set, else the format's own test split
-    (CIFAR's test_batch), else one fixed random split."""
+    (CIFAR's test_batch), else a per-image keyed split."""
     data, shipped_test = _load(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
     if test_spec is not None:
         test = load_dataset(test_spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
@@ -191,13 +192,27 @@ def load_sensitive(
         return data, _align_classes(ImageDataset(*shipped_test.load(), shipped_test.name), data.class_names)
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction {test_fraction!r} is not between 0 and 1: set e.g. 0.2")
-    test_size = round(len(data) * test_fraction)
-    if not 0 < test_size < len(data):
+    in_test = keyed_split(data, test_fraction, split_key)
+    if in_test.all() or not in_test.any():
         raise UserError(
             f"{spec}: too few images to hold out test_fraction {test_fraction}: add images or give a test set"
         )
-    order = np.random.default_rng(SPLIT_SEED).permutation(len(data))
-    return data.subset(order[test_size:]), data.subset(order[:test_size])
+    return data.subset(np.flatnonzero(~in_test)), data.subset(np.flatnonzero(in_test))
+
+
+def keyed_split(data: ImageDataset, test_fraction: float, key: bytes) -> np.ndarray:
+    """Whether each image goes to the test split, from a keyed hash of its pixels and label.
+
+    Each image's side depends on that image alone, so adding or removing one image moves no other:
+    the guarantee for the training split then carries to the whole dataset. A permutation of all N
+    images would reshuffle hundreds of them on every change. The key keeps the sides unpredictable.
+    """
+    threshold = int(test_fraction * 2**64)
+    sides = np.empty(len(data), dtype=bool)
+    for i, (image, label) in enumerate(zip(data.images, data.labels)):
+        digest = hmac.new(key, image.tobytes() + int(label).to_bytes(8, "little"), hashlib.sha256).digest()
+        sides[i] = int.from_bytes(digest[:8], "little") < threshold
+    return sides
 
 
 def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from privimage.data.geometry import fit_to_box, mnist_normalise, resize_batch
 from privimage.data.glyphs import GLYPH_CLASSES, render_glyphs
 from privimage.data.strokes import MASTER_BOX, Jitter, centre_on_master, draw, pen_fields
 from privimage.errors import UserError
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 

@@ -158,8 +158,12 @@ def _imagenet_names(folder: Path) -> tuple[str, ...] | None:
     return None
 
 
+def _batch_number(path: Path) -> int:
+    return int(IMAGENET_BATCH.fullmatch(path.name)[2])  # train_data_batch_10 after _9
+
+
 def _imagenet(folder: Path, files: list[Path], resolution: int, channels: int) -> Source:
-    train = sorted((p for p in files if p.name.startswith("train")), key=lambda p: int(IMAGENET_BATCH.fullmatch(p.name)[2]))
+    train = sorted((p for p in files if p.name.startswith("train")), key=_batch_number)
     val = [p for p in files if p.name.startswith("val")]
     names = _imagenet_names(folder)
     name_files = tuple(p for p in (folder / "map_clsloc.txt", folder / "class_names.txt") if p.is_file())
@@ -193,9 +197,8 @@ def _hf_source(dataset, name: str, files: tuple[Path, ...], root: Path, resoluti
     def chunks() -> Chunks:
         for batch in dataset.iter(batch_size=CHUNK_IMAGES):
             images = np.stack([
-                np.asarray(square_resize(convert_image(image, channels), resolution)).reshape(resolution, resolution, channels)
-                for image in batch[image_column]
-            ])
+                np.asarray(square_resize(convert_image(image, channels), resolution)) for image in batch[image_column]
+            ]).reshape(-1, resolution, resolution, channels)
             labels = np.asarray(batch[label_column], np.int64) if label_column else np.zeros(len(images), np.int64)
             yield images, labels
 

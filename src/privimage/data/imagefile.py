@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 # Bumped when the conversion changes, so old caches are not read as new ones.
 FORMAT_VERSION = 1

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from privimage.diffusion.edm import Denoiser
-from privimage.errors import UserError
 
 SOLVERS = ("heun", "euler")
 
@@ -29,9 +28,9 @@ def edm_sample(denoiser: Denoiser, class_labels: Tensor, *, shape: tuple, num_cl
     unconditional passes then run as one batch. Heun costs 2 * steps - 1 denoiser calls, Euler `steps`.
     """
     if solver not in SOLVERS:
-        raise UserError(f"sample.solver: unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
+        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}")
     if steps < 1:
-        raise UserError(f"sample.steps: {steps} is not positive: use at least 1 (18 to 50 is typical)")
+        raise ValueError(f"{steps} sampling steps: use at least 1")
     batch = class_labels.shape[0]
     if len(shape) == 4:
         if shape[0] != batch:

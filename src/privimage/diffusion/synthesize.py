@@ -20,25 +20,25 @@ from privimage import distributed
 from privimage.data import ImageDataset, to_uint8
 from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
-from privimage.rundir import RunDir, atomic_path, write_bytes
+from privimage.atomic import atomic_path, write_bytes
+from privimage.rundir import RunDir
 
 GRID_COLUMNS = 10
 
 
 def generate(
-    net: torch.nn.Module, class_names: tuple[str, ...], n: int, cfg: DictConfig, device: torch.device
+    net: torch.nn.Module, class_names: tuple[str, ...], labels: torch.Tensor, cfg: DictConfig, device: torch.device,
+    generator: torch.Generator,
 ) -> ImageDataset:
-    """`n` images, labels cycling through the classes; under torchrun each rank samples its share."""
+    """One image per label; under torchrun each rank samples its share and every rank gets all of them."""
     s = cfg.sample
     num_classes = len(class_names)
-    labels = torch.arange(n) % num_classes
-    mine = distributed.shard(torch.arange(n))
-    generator = torch.Generator(device=device).manual_seed(distributed.rank_seed(cfg.seed))
+    mine = distributed.shard(torch.arange(len(labels)))
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             x = edm_sample(net, batch, shape=(len(batch), *shape), num_classes=num_classes, steps=s.steps,
                            guidance=s.guidance, solver=s.solver, generator=generator)
         chunks.append(to_uint8(x.cpu()))
@@ -50,6 +50,11 @@ def generate(
                         name="synthetic")
 
 
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """Labels cycling through the classes: balanced and fixed in advance, so they read no data."""
+    return torch.arange(n) % num_classes
+
+
 def write_synthetic(run: RunDir, data: ImageDataset) -> None:
     """`synthetic.npz`, one PNG folder per class under `synthetic/`, and the `samples.png` grid."""
     with atomic_path(run.synthetic) as tmp:
@@ -59,7 +64,7 @@ def write_synthetic(run: RunDir, data: ImageDataset) -> None:
     staging.chmod(0o755)  # mkdtemp makes it private to the owner
     try:
         for index, (image, label) in enumerate(zip(data.images, data.labels)):
-            folder = staging / _safe_folder_name(data.class_names[label])
+            folder = staging / safe_folder_name(data.class_names[label])
             folder.mkdir(exist_ok=True)
             Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(folder / f"{index:06d}.png")
         shutil.rmtree(run.synthetic_images, ignore_errors=True)
@@ -70,7 +75,7 @@ def write_synthetic(run: RunDir, data: ImageDataset) -> None:
     write_bytes(run.samples_grid, png_bytes(image_grid(rows)))
 
 
-def _safe_folder_name(name: str) -> str:
+def safe_folder_name(name: str) -> str:
     """Class names become folder names: keep them readable but never a path."""
     cleaned = "".join(ch if ch.isalnum() or ch in "-_.: " else "_" for ch in name).strip(". ")
     return cleaned.replace(":", "_") or "class"

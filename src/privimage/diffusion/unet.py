@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from privimage.errors import UserError
 
 # Residual sums are scaled by sqrt(1/2) to keep the activation variance from growing with depth (EDM).
 SKIP_SCALE = math.sqrt(0.5)
@@ -100,12 +99,11 @@ class UNet(nn.Module):
         super().__init__()
         levels = len(channel_mult)
         if levels == 0:
-            raise UserError("model.channel_mult: is empty: give one multiplier per resolution level, e.g. [1, 2, 2]")
+            raise ValueError("channel_mult is empty: give one multiplier per resolution level")
         if resolution % 2 ** (levels - 1):
-            raise UserError(f"model.channel_mult: {levels} levels need a resolution divisible by {2 ** (levels - 1)}, "
-                            f"got {resolution}: use fewer levels or resize the images")
+            raise ValueError(f"{levels} levels need a resolution divisible by {2 ** (levels - 1)}, got {resolution}")
         if base_channels % 2:
-            raise UserError(f"model.base_channels: {base_channels} is odd: use an even number such as 32")
+            raise ValueError(f"base_channels {base_channels} is odd: GroupNorm and the noise embedding need it even")
         self.num_classes = num_classes
         self.noise_channels = base_channels
         emb_channels = 4 * base_channels

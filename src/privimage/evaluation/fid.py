@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from privimage.errors import UserError
-from privimage.rundir import atomic_path
+from privimage.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +104,14 @@ def feature_stats(
     extractor: FeatureExtractor,
     cache_dir: str | os.PathLike | None = None,
     batch_size: int = 32,
+    private: bool = False,
 ) -> FeatureStats:
     """Features, mean and covariance of `images`, cached in `cache_dir` by content and extractor.
 
-    Real data is evaluated against every run; at a few images per second on a CPU it is worth
-    extracting once. The key hashes the pixels themselves, so a changed dataset never hits a stale file.
+    Real data is evaluated again whenever a run's samples change; at a few images per second on a CPU
+    it is worth extracting once. The key hashes the pixels themselves, so a changed dataset never hits
+    a stale file. Features of sensitive images are sensitive: cache them only in a `private` folder of
+    the run, never in a cache shared between runs.
     """
     if len(images) < 2:
         raise UserError(f"FID needs at least 2 images per set, got {len(images)}: evaluate more samples")
@@ -123,7 +126,7 @@ def feature_stats(
     features = extractor(images, batch_size=batch_size)
     stats = FeatureStats(features, *gaussian_fit(features))
     if cache_file is not None:
-        with atomic_path(cache_file) as tmp, open(tmp, "wb") as fh:
+        with atomic_path(cache_file, private) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **stats._asdict())
         logger.info("cached %d feature vectors in %s", len(features), cache_file)
     return stats

@@ -6,8 +6,6 @@ closest-pairs picture shows real training images, so it goes under `private/`, n
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -17,9 +15,8 @@ from privimage.evaluation.downstream import downstream_accuracy
 from privimage.evaluation.fid import InceptionFeatures, feature_stats, fid_from_stats
 from privimage.evaluation.manifold import precision_recall
 from privimage.evaluation.memorization import closest_pairs_figure, memorization
-from privimage.rundir import RunDir, write_bytes, write_json
-
-PRIVATE_DIR = "private"
+from privimage.atomic import write_bytes, write_json
+from privimage.rundir import RunDir
 
 
 def load_synthetic(run: RunDir) -> ImageDataset:
@@ -35,8 +32,9 @@ def _first(images: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def run_evaluation(
-    cfg: DictConfig, run: RunDir, train: ImageDataset, test: ImageDataset, cache_dir: Path, device: torch.device
+    cfg: DictConfig, run: RunDir, train: ImageDataset, test: ImageDataset, device: torch.device
 ) -> dict:
+    """FID and precision/recall against the test split; memorization compares with the training split."""
     e = cfg.evaluate
     synthetic = load_synthetic(run)
     metrics: dict = {"samples": len(synthetic)}
@@ -46,13 +44,13 @@ def run_evaluation(
     )
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
-        real = feature_stats(_first(train.images, e.fid_samples, cfg.seed), extractor, cache_dir / "fid")
+        real = feature_stats(_first(test.images, e.fid_samples, cfg.seed), extractor, run.private / "fid", private=True)
         fake = feature_stats(_first(synthetic.images, e.fid_samples, cfg.seed), extractor)
         metrics["fid"] = fid_from_stats(real.mu, real.sigma, fake.mu, fake.sigma)
         metrics["fid_samples"] = {"real": len(real.features), "synthetic": len(fake.features)}
         precision, recall = precision_recall(real.features, fake.features, k=e.knn_k)
         metrics["precision"], metrics["recall"] = precision, recall
     metrics["memorization"] = memorization(synthetic.images, train.images, test.images)
-    write_bytes(run.root / PRIVATE_DIR / "closest_pairs.png", closest_pairs_figure(synthetic.images, train.images))
+    write_bytes(run.private / "closest_pairs.png", closest_pairs_figure(synthetic.images, train.images), private=True)
     write_json(run.metrics, metrics)
     return metrics

@@ -26,61 +26,65 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from privimage.errors import UserError
 
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("rdp", "prv")
-MECHANISMS = ("gaussian", "subsampled_gaussian")
 RDP_ORDERS = [*RDPAccountant.DEFAULT_ALPHAS, 128, 256, 512, 1024]
 MAX_NOISE_MULTIPLIER = 1e4  # beyond this, the DP-SGD updates are pure noise: better to tell the user
 CALIBRATION_TOLERANCE = 0.01  # calibrated ε lands in [(1 - tol) * target, target]
-NOISE_SETTINGS = {"semantics": "semantics.query_sigma"}  # the config key that sets each stage's noise
+
+
+class BudgetError(ValueError):
+    """The target cannot be met; the subclass says which part is to blame."""
+
+
+class FixedReleasesExceedTarget(BudgetError):
+    """The releases that come before DP-SGD already spend the whole target."""
+
+
+class NoiseBeyondLimit(BudgetError):
+    """DP-SGD would need more noise than any useful update survives."""
 
 
 @dataclass(frozen=True)
 class Mechanism:
-    """One Gaussian release on the sensitive data, as the accountant sees it."""
+    """One Gaussian release on the sensitive data, as the accountant sees it: σ, q and T, nothing else.
 
-    stage: str  # "semantics", "finetune", ...
-    mechanism: str  # "gaussian" (q = 1, 1 step) | "subsampled_gaussian"
+    A plain Gaussian mechanism (the vote query) is the case q = 1, T = 1.
+    """
+
     noise_multiplier: float  # noise std / L2 sensitivity
     sample_rate: float = 1.0
     steps: int = 1
-    # Which release the booking pays for (the stage's config fingerprint): a stage killed after booking
-    # finds its booking when rerun and does not pay twice. The accountant ignores it.
-    release: str = ""
 
     def __post_init__(self) -> None:
-        if self.mechanism not in MECHANISMS:
-            raise ValueError(f"unknown mechanism {self.mechanism!r}; expected one of {MECHANISMS}")
         if not self.noise_multiplier > 0:
-            raise ValueError(f"{self.stage}: a noise multiplier of {self.noise_multiplier} has no finite ε")
+            raise ValueError(f"a noise multiplier of {self.noise_multiplier} has no finite ε")
         if not 0 < self.sample_rate <= 1:
-            raise ValueError(f"{self.stage}: sample rate {self.sample_rate} is not in (0, 1]")
+            raise ValueError(f"sample rate {self.sample_rate} is not in (0, 1]")
         if self.steps < 1:
-            raise ValueError(f"{self.stage}: steps must be >= 1, got {self.steps}")
-        if self.mechanism == "gaussian" and (self.sample_rate != 1 or self.steps != 1):
-            raise ValueError(f"{self.stage}: a plain Gaussian mechanism has sample rate 1 and one step")
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @property
+    def kind(self) -> str:
+        return "gaussian" if self.sample_rate == 1 and self.steps == 1 else "subsampled_gaussian"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {"mechanism": self.kind, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Mechanism:
-        return cls(
-            stage=str(d["stage"]),
-            mechanism=str(d["mechanism"]),
-            noise_multiplier=float(d["noise_multiplier"]),
-            sample_rate=float(d["sample_rate"]),
-            steps=int(d["steps"]),
-            release=str(d.get("release", "")),
-        )
+        mechanism = cls(float(d["noise_multiplier"]), float(d["sample_rate"]), int(d["steps"]))
+        if d.get("mechanism", mechanism.kind) not in (mechanism.kind, "subsampled_gaussian"):
+            raise ValueError(f"a {d['mechanism']} mechanism cannot have sample rate {mechanism.sample_rate} "
+                             f"and {mechanism.steps} steps")
+        return mechanism
 
 
 def _check_accountant(accountant: str) -> None:
     if accountant not in ACCOUNTANTS:
-        raise UserError(f"privacy.accountant: unknown accountant {accountant!r}: use one of {', '.join(ACCOUNTANTS)}")
+        raise ValueError(f"unknown accountant {accountant!r}: use one of {', '.join(ACCOUNTANTS)}")
 
 
 def compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
@@ -99,10 +103,6 @@ def compose_epsilon(mechanisms: Sequence[Mechanism], delta: float, accountant: s
         if accountant == "rdp":
             return float(engine.get_epsilon(delta=delta, alphas=RDP_ORDERS))
         return float(engine.get_epsilon(delta=delta))
-
-
-def _finetune(noise_multiplier: float, sample_rate: float, steps: int) -> Mechanism:
-    return Mechanism("finetune", "subsampled_gaussian", noise_multiplier, sample_rate, steps)
 
 
 def _solve(epsilon_at: Callable[[float], float], target: float, start: float) -> float:
@@ -151,27 +151,19 @@ def calibrate_noise_multiplier(
     """
     _check_accountant(accountant)
     if not (target_epsilon > 0 and 0 < delta < 1):
-        raise UserError(f"the target ε={target_epsilon:g}, δ={delta:g} is not a budget: set privacy.epsilon > 0 "
-                        "and 0 < privacy.delta < 1")
+        raise ValueError(f"the target ε={target_epsilon:g}, δ={delta:g} is not a budget: need ε > 0 and 0 < δ < 1")
     if not 0 < sample_rate <= 1:
-        raise UserError(
-            f"the DP-SGD sample rate {sample_rate:g} is not in (0, 1]: "
-            "make finetune.batch_size at most the number of sensitive training images"
-        )
+        raise ValueError(f"the DP-SGD sample rate {sample_rate:g} is not in (0, 1]")
     if steps < 1:
-        raise UserError(f"finetune.steps is {steps}: DP fine-tuning needs at least one step")
+        raise ValueError(f"DP-SGD needs at least one step (got {steps})")
     fixed = tuple(fixed)
     fixed_epsilon = compose_epsilon(fixed, delta, accountant)
     if fixed_epsilon >= target_epsilon:
-        stages = " + ".join(m.stage for m in fixed)
-        knobs = " or ".join(dict.fromkeys(NOISE_SETTINGS.get(m.stage, f"the noise of {m.stage}") for m in fixed))
-        raise UserError(
-            f"the {stages} release alone spends ε={fixed_epsilon:.3g} of the target {target_epsilon:g}: "
-            f"raise {knobs} or privacy.epsilon"
-        )
+        raise FixedReleasesExceedTarget(
+            f"the releases before DP-SGD alone spend ε={fixed_epsilon:.3g} of the target {target_epsilon:g}")
 
     def epsilon_at(sigma: float) -> float:
-        return compose_epsilon([*fixed, _finetune(sigma, sample_rate, steps)], delta, accountant)
+        return compose_epsilon([*fixed, Mechanism(sigma, sample_rate, steps)], delta, accountant)
 
     # PRV is slow and runs out of memory at tiny σ, so it starts from the RDP answer (PRV is tighter,
     # so its σ is a little smaller) instead of scanning from σ = 1.
@@ -180,10 +172,9 @@ def calibrate_noise_multiplier(
     )
     sigma = _solve(epsilon_at, target_epsilon, start)
     if sigma == math.inf:
-        raise UserError(
+        raise NoiseBeyondLimit(
             f"DP-SGD would need a noise multiplier above {MAX_NOISE_MULTIPLIER:g} to fit in ε={target_epsilon:g} "
-            f"(the other releases spend {fixed_epsilon:.3g}): raise privacy.epsilon or lower finetune.steps"
-        )
+            f"(the other releases spend {fixed_epsilon:.3g})")
     log.debug("calibrated DP-SGD noise multiplier %.4f for ε=%g, δ=%g (%s)", sigma, target_epsilon, delta, accountant)
     return sigma
 
@@ -201,10 +192,10 @@ def budget(
     `query_sigma == 0` means the run makes no semantic query (e.g. methods without selection).
     """
     if query_sigma < 0:
-        raise UserError(f"semantics.query_sigma is {query_sigma:g}: use a noise multiplier > 0, or 0 for no query")
-    fixed = (Mechanism("semantics", "gaussian", query_sigma),) if query_sigma > 0 else ()
+        raise ValueError(f"a query noise multiplier of {query_sigma:g} is negative: use > 0, or 0 for no query")
+    fixed = (Mechanism(query_sigma),) if query_sigma > 0 else ()
     sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, fixed, accountant)
-    dpsgd = _finetune(sigma, sample_rate, steps)
+    dpsgd = Mechanism(sigma, sample_rate, steps)
     return {
         "noise_multiplier": sigma,
         "epsilon": compose_epsilon([*fixed, dpsgd], delta, accountant),

@@ -2,10 +2,8 @@
 
 Per-sample gradients come from `torch.func` (`vmap` over `grad` of a `functional_call`), which needs
 no hooks and handles every layer autograd handles, GroupNorm and attention included. BatchNorm has
-no per-sample gradient and must not be used. On the default 1.3 M-parameter U-Net at batch 64 a DP
-step costs about 1.3x a non-private one on CPU (benchmarks/dp_step.py, K = 1 and 4), against 1.9x
-measured for Opacus' hook-based GradSampleModule. Norms and clipping run outside the vmap, as one
-weighted sum per parameter: clipping inside it measured slower.
+no per-sample gradient and must not be used. benchmarks/dp_step.py measures its cost against a
+non-private step. Norms and clipping run outside the vmap, as one weighted sum per parameter.
 """
 
 from __future__ import annotations
@@ -16,21 +14,23 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from opacus.optimizers.optimizer import _generate_noise
 from torch.func import functional_call, grad, vmap
+
+from privimage.privacy.noise import GaussianNoise, NoiseSource
 
 # loss_fn(forward, x, y) -> per-sample losses (B,), where forward(*args, **kwargs) runs the model.
 LossFn = Callable[[Callable[..., Tensor], Tensor, Tensor], Tensor]
 
 
-def poisson_batches(num_samples: int, sample_rate: float, steps: int, generator: torch.Generator) -> Iterator[Tensor]:
+def poisson_batches(num_samples: int, sample_rate: float, steps: int, noise: NoiseSource) -> Iterator[Tensor]:
     """Indices of `steps` logical batches, each sample in each batch independently with `sample_rate`.
 
     Poisson sampling is what the subsampled-Gaussian accountant assumes: batch sizes vary (and may be
     0), and that variation is part of the privacy guarantee, so batches must not be padded or trimmed.
+    Who is in a batch is as secret as the noise, so it comes from the same source.
     """
     for _ in range(steps):
-        mask = torch.rand(num_samples, generator=generator, device=generator.device) < sample_rate
+        mask = noise.uniform(num_samples) < sample_rate
         yield mask.nonzero().squeeze(1)
 
 
@@ -61,9 +61,9 @@ class DPSGD:
     share of the batch, and the global expected batch size: the clipped sums are all-reduced and the
     noise is drawn on rank 0 only, once for the global batch.
 
-    `secure_noise` draws each Gaussian as Opacus' secure mode does (a sum of four draws, after
-    discarding one), which defeats the floating-point attacks on naive Gaussian samplers (Mironov 2012,
-    Holohan & Braghin 2021); pair it with a cryptographic `generator` (runtime.noise_generator).
+    A sample whose loss or gradient is not finite contributes nothing (a zero vector is within any
+    clipping bound), so one bad input can neither poison the released sum nor reveal itself by it.
+    `noise` is the source of the Gaussian noise (privacy/noise.py; OS entropy when None).
     """
 
     def __init__(
@@ -78,8 +78,7 @@ class DPSGD:
         max_physical_batch: int = 64,
         loss_clip: float = 1.0,
         loss_weight: float = 0.1,
-        generator: torch.Generator | None = None,
-        secure_noise: bool = False,
+        noise: NoiseSource | None = None,
     ):
         if clip_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0 and expected_batch_size > 0")
@@ -95,8 +94,7 @@ class DPSGD:
         self.samples_per_chunk = max(1, max_physical_batch // noise_multiplicity)
         self.loss_clip = loss_clip
         self.loss_weight = loss_weight
-        self.generator = generator
-        self.secure_noise = secure_noise
+        self.noise = noise if noise is not None else GaussianNoise()
         self.noise_std = noise_multiplier * clip_norm * math.sqrt(1 + loss_weight**2)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._per_sample_grads = vmap(
@@ -125,21 +123,20 @@ class DPSGD:
             norms = torch.linalg.vector_norm(
                 torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()], dim=1), dim=1
             )
-            scale = (self.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+            finite = torch.isfinite(norms) & torch.isfinite(losses)
+            scale = torch.where(finite, (self.clip_norm / (norms + 1e-6)).clamp(max=1.0), 0.0)
             for name, g in grads.items():
+                if not finite.all():  # 0 · NaN is NaN: zero the bad samples' gradients themselves
+                    g = torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0)
                 grad_sums[name] += torch.tensordot(scale, g, dims=1)  # weighted sum, no (B, ...) temporary
-            loss_sum += losses.detach().clamp(0, self.loss_clip).sum()
+            loss_sum += torch.where(finite, losses.detach(), 0.0).clamp(0, self.loss_clip).sum()
         return grad_sums, loss_sum
 
     def _add_noise_once(self, sums: list[Tensor]) -> None:
         """Add the Gaussian noise to `sums` in place, once for the global batch (rank 0 under DDP)."""
         if not _distributed() or dist.get_rank() == 0:
             for t in sums:
-                if self.secure_noise:  # Opacus' sampler, robust to floating-point attacks on the noise
-                    t.add_(_generate_noise(self.noise_std, t, self.generator, secure_mode=True))
-                else:
-                    noise = torch.randn(t.shape, generator=self.generator, device=t.device, dtype=t.dtype)
-                    t.add_(noise, alpha=self.noise_std)
+                t.add_(self.noise.gaussian_like(t, self.noise_std))
         if _distributed():
             for t in sums:
                 dist.all_reduce(t)

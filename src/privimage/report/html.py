@@ -20,10 +20,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from privimage.config import to_yaml
 from privimage.data import ImageDataset
 from privimage.evaluation.stage import load_synthetic
-from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.privacy.accountant import compose_epsilon
+from privimage.privacy.ledger import Booking
 from privimage.report.figures import figure_png, image_grid, png_bytes
 from privimage.report.summary import privacy_by_stage
-from privimage.rundir import RunDir, read_json, write_text
+from privimage.atomic import read_json, write_text
+from privimage.rundir import RunDir
 
 EXAMPLES = 8
 CURVE_POINTS = 40
@@ -59,16 +61,17 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 def _spending_curve(ledger: dict) -> bytes:
     """Composed ε after each fraction of DP-SGD, the earlier mechanisms included."""
     delta, accountant = ledger["target"]["delta"], ledger["accountant"]
-    entries = [Mechanism.from_dict(e) for e in ledger["entries"]]
+    entries = [Booking.from_dict(e) for e in ledger["entries"]]
     fig = Figure(figsize=(6, 3))
     ax = fig.subplots()
     spent_before = []
     for entry in entries:
-        steps = np.unique(np.linspace(0, entry.steps, min(CURVE_POINTS, entry.steps) + 1).astype(int))
-        eps = [compose_epsilon(spent_before + [dataclasses.replace(entry, steps=int(s))], delta, accountant)
+        mechanism = entry.mechanism
+        steps = np.unique(np.linspace(0, mechanism.steps, min(CURVE_POINTS, mechanism.steps) + 1).astype(int))
+        eps = [compose_epsilon(spent_before + [dataclasses.replace(mechanism, steps=int(s))], delta, accountant)
                if s > 0 else (compose_epsilon(spent_before, delta, accountant) if spent_before else 0.0) for s in steps]
-        ax.plot(steps, eps, marker=".", label=f"{entry.stage} ({entry.mechanism})")
-        spent_before.append(entry)
+        ax.plot(steps, eps, marker=".", label=f"{entry.stage} ({mechanism.kind})")
+        spent_before.append(mechanism)
     ax.axhline(ledger["target"]["epsilon"], color="red", linestyle="--", label="target ε")
     ax.set_xlabel("steps of the mechanism")
     ax.set_ylabel("composed ε")
@@ -109,7 +112,7 @@ def _semantics_section(run: RunDir, public: ImageDataset | None) -> str:
     return (f"<p>k = {semantics['k']}, query σ = {semantics['query_sigma']}, {semantics['public_images']} public images "
             f"kept ({100 * semantics['public_fraction']:.1f}% of the public set).</p>"
             "<table><tr><th>sensitive class</th><th>selected semantics</th><th>public examples</th></tr>"
-            + "".join(rows) + f"</table><p class=note>Diagnostics (evaluation on the test split):</p><ul>{diagnostics}</ul>")
+            + "".join(rows) + f"</table><p class=note>Diagnostics (public data and the noisy picks only):</p><ul>{diagnostics}</ul>")
 
 
 def _samples_section(run: RunDir, test: ImageDataset) -> str:

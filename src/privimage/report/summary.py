@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 from privimage.privacy.accountant import Mechanism, compose_epsilon
-from privimage.rundir import RunDir, read_json
+from privimage.atomic import read_json
+from privimage.rundir import RunDir
 
 
 def privacy_by_stage(run: RunDir) -> tuple[list[tuple[str, float]], dict]:
@@ -30,7 +31,8 @@ def print_summary(run: RunDir, results: list, console: Console) -> None:
         metrics = read_json(run.metrics)
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         shown |= {f"accuracy[{k}]": v for k, v in metrics.get("accuracy", {}).items()}
-        console.print("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), markup=False)
+        console.print("metrics (private to the data owner: measured on the sensitive data, outside the guarantee): "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), markup=False)
     console.print(f"synthetic data: {run.synthetic} (PNG folders in {run.synthetic_images}/)")
     if run.report.exists():
-        console.print(f"report: {run.report}")
+        console.print(f"report (private to the data owner): {run.report}")

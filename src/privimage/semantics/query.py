@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from privimage.privacy.noise import NoiseSource
+
 
 def top_k_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
     """(N, k) indices of each row's k largest logits."""
@@ -33,10 +35,10 @@ def vote_histogram(votes: torch.Tensor, labels: np.ndarray, num_sensitive: int, 
     return hist
 
 
-def noisy_histogram(hist: np.ndarray, query_sigma: float, k: int, rng: np.random.Generator) -> np.ndarray:
+def noisy_histogram(hist: np.ndarray, query_sigma: float, k: int, noise: NoiseSource) -> np.ndarray:
     """The Gaussian mechanism: every bin gets N(0, (query_sigma * sqrt(k))^2)."""
     std = query_sigma * math.sqrt(k)
-    return hist.astype(np.float64) + rng.normal(0.0, std, size=hist.shape)
+    return hist.astype(np.float64) + noise.gaussian_array(hist.shape, std)
 
 
 def select_semantics(noisy: np.ndarray, per_class: int) -> list[list[int]]:

@@ -14,24 +14,39 @@ from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset
+from privimage.errors import UserError
 from privimage.nets import ResNetGN, SmallCNN, predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
-from privimage.privacy.ledger import PrivacyLedger
-from privimage.rundir import RunDir, read_json, write_json
-from privimage.runtime import query_noise_rng
+from privimage.privacy.ledger import Booking, PrivacyLedger
+from privimage.atomic import read_json, write_json
+from privimage.rundir import RunDir
+from privimage.runtime import dp_noise_source
 from privimage.semantics.query import noisy_histogram, select_semantics, top_k_classes, vote_histogram
 
-def query_mechanism(cfg: DictConfig, release: str = "") -> Mechanism:
+PRIVATE_SEMANTICS_FILE = "semantics.json"  # under private/: statistics of the sensitive test split
+
+
+def query_mechanism(cfg: DictConfig) -> Mechanism:
     """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
-    return Mechanism(stage="semantics", mechanism="gaussian", noise_multiplier=float(cfg.semantics.query_sigma),
-                     release=release)
+    return Mechanism(float(cfg.semantics.query_sigma))
 
 
-def _build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
+def build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
     c = cfg.semantics.classifier
     if c.arch == "resnet":
         return ResNetGN(public.channels, public.num_classes, width=c.width, blocks=tuple(c.blocks))
     return SmallCNN(public.channels, public.num_classes, width=c.width)
+
+
+def _classifier_path(cfg: DictConfig, public: ImageDataset, model: nn.Module, cache_dir: Path) -> Path:
+    architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]  # a changed net misses the cache
+    key = fingerprint(public.fingerprint(), cfg.semantics.classifier, cfg.seed, architecture)
+    return cache_dir / f"semantic-classifier-{key}.safetensors"
+
+
+def semantic_classifier_is_cached(cfg: DictConfig, public: ImageDataset, cache_dir: Path) -> bool:
+    with torch.random.fork_rng():
+        return _classifier_path(cfg, public, build_classifier(cfg, public), cache_dir).exists()
 
 
 def semantic_classifier(
@@ -43,10 +58,8 @@ def semantic_classifier(
     """
     c = cfg.semantics.classifier
     torch.manual_seed(cfg.seed)
-    model = _build_classifier(cfg, public)
-    architecture = [(name, tuple(t.shape)) for name, t in model.state_dict().items()]  # a changed net misses the cache
-    key = fingerprint(public.fingerprint(), c, cfg.seed, architecture)
-    path = cache_dir / f"semantic-classifier-{key}.safetensors"
+    model = build_classifier(cfg, public)
+    path = _classifier_path(cfg, public, model, cache_dir)
     if distributed.broadcast(path.exists()):
         tensors, meta = load_checkpoint(path)
         model.load_state_dict(tensors)
@@ -97,9 +110,10 @@ def run_semantics(
 ) -> dict | None:
     """Train (or reuse) the classifier, run the DP vote query, write `semantics.json`.
 
-    `release` names this query (the stage's fingerprint). It is booked once: rerun after a kill, the
-    stage reuses a `semantics.json` already written for it, or else queries again under the same
-    booking, since the lost noisy result never left the process.
+    `release` names this query (the stage's fingerprint). It is booked once, and marked released in
+    the ledger before `semantics.json` is written. Rerun, the stage reuses the `semantics.json` of
+    that release; a booking not yet released (killed in between) is queried under the same booking,
+    since its result never left the process; a released one whose file is gone refuses.
     """
     s = cfg.semantics
     per_class = s.per_class or s.k
@@ -108,14 +122,17 @@ def run_semantics(
         return None  # the query itself is cheap: rank 0 alone runs and books it
 
     booked = ledger.find("semantics", release) is not None
-    released = read_json(run.semantics) if booked and run.semantics.exists() else {}
-    if released.get("release") == release:
-        return released  # released before the kill: the same result, never a second one
+    if booked and ledger.released_steps("semantics", release):
+        released = read_json(run.semantics) if run.semantics.exists() else {}
+        if released.get("release") != release:
+            raise UserError(f"the ledger records this semantic query as released but {run.semantics} is missing "
+                            "or from another query: querying again would release the votes twice; use a new --out")
+        return released  # the same result, never a second one
     votes = top_k_classes(predict_logits(model, sensitive_train.images, device=str(device)), s.k)
     hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
     if not booked:
-        ledger.book(query_mechanism(cfg, release))  # booked before the noisy result exists, let alone is used
-    noisy = noisy_histogram(hist, s.query_sigma, s.k, query_noise_rng(cfg.privacy.secure_rng))
+        ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked before the noisy result exists, let alone is used
+    noisy = noisy_histogram(hist, s.query_sigma, s.k, dp_noise_source(cfg.privacy.secure_rng))
     del hist
     picks = select_semantics(noisy, per_class)
 
@@ -123,18 +140,11 @@ def run_semantics(
         sensitive_train.class_names[i]: [public.class_names[p] for p in row] for i, row in enumerate(picks)
     }
     chosen = np.isin(public.labels, [p for row in picks for p in row])
-    # Evaluation only (the held-out test split, never used to train): how often the classifier's
-    # top-1 public class names the image's own class.
-    test_top1 = predict_logits(model, sensitive_test.images, device=str(device)).argmax(1).cpu().numpy()
-    agreement = np.mean([
-        _same_semantic(public.class_names[p], sensitive_test.class_names[y])
-        for p, y in zip(test_top1, sensitive_test.labels)
-    ])
     result = {
         "selected": selected,
-        "noisy_votes": {
+        "noisy_votes": {  # rounded: the selection needs no more, and fewer digits give less to attack
             "public_classes": list(public.class_names),
-            "rows": {name: [round(float(v), 2) for v in row] for name, row in zip(sensitive_train.class_names, noisy)},
+            "rows": {name: [int(round(float(v))) for v in row] for name, row in zip(sensitive_train.class_names, noisy)},
         },
         "public_fraction": float(chosen.mean()),
         "public_images": int(chosen.sum()),
@@ -142,13 +152,20 @@ def run_semantics(
         "per_class": per_class,
         "query_sigma": s.query_sigma,
         "release": release,
-        "diagnostics": {
+        "diagnostics": {  # of public data and the noisy picks only
             "classifier_public_holdout_accuracy": holdout_accuracy,
-            "test_split_top1_same_semantic": float(agreement),
             **_selection_diagnostics(selected),
         },
     }
+    ledger.record_release("semantics", release, 1)
     write_json(run.semantics, result)
+    # For the data owner: how often the classifier's top-1 public class names a real test image's class.
+    test_top1 = predict_logits(model, sensitive_test.images, device=str(device)).argmax(1).cpu().numpy()
+    agreement = np.mean([
+        _same_semantic(public.class_names[p], sensitive_test.class_names[y])
+        for p, y in zip(test_top1, sensitive_test.labels)
+    ])
+    write_json(run.private / PRIVATE_SEMANTICS_FILE, {"test_split_top1_same_semantic": float(agreement)}, private=True)
     return result
 
 

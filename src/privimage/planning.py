@@ -1,0 +1,168 @@
+"""`--minutes M`: plan every stage's step counts from a short throughput probe on random data.
+
+The probe times one pretraining step, one DP-SGD step, the denoiser's forward pass, a few batches of
+classifier training and (with FID) Inception, all on random tensors of the run's shapes, never on
+sensitive images. So the plan, and the DP-SGD steps T and noise σ that follow from it, are fixed
+before any sensitive image is read, and leak nothing about it but the machine's speed.
+
+Fixed-size work (the semantic classifier, sampling `sample.n` images, evaluation) is planned at its
+configured size. What remains of the budget, less a safety margin, goes to pretraining and DP
+fine-tuning, whose configured step counts are scaled by one common factor: the configured recipe
+keeps its proportions and grows or shrinks with the machine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig
+
+from privimage.data import ImageDataset, to_tensor
+from privimage.diffusion.train import build_denoiser, diffusion_loss, finetune_steps
+from privimage.errors import UserError
+from privimage.evaluation.downstream import CLASSIFIERS
+from privimage.nets import train_classifier
+from privimage.privacy.dpsgd import DPSGD
+from privimage.privacy.noise import GaussianNoise
+
+SAFETY = 0.85  # plan the trainable stages to end with 15 % of their time to spare
+REPORT_SECONDS = 5.0
+PROBE_IMAGES = 128
+
+
+@dataclass(frozen=True)
+class Plan:
+    minutes: float
+    seconds_left: float  # of the budget when the plan was made (data loading and the probe already spent)
+    throughput: dict[str, float]  # seconds per unit, measured by the probe
+    expected_seconds: dict[str, float]  # per stage
+    pretrain_steps: int
+    finetune_steps: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def overrides(self) -> dict:
+        return {"pretrain": {"steps": self.pretrain_steps}, "finetune": {"steps": self.finetune_steps, "epochs": None}}
+
+
+def _seconds(fn: Callable[[], object], repeats: int = 2) -> float:
+    """Fastest of `repeats` timed calls after one warm-up call."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, float]:
+    """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch."""
+    shape = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
+    generator = torch.Generator().manual_seed(0)
+
+    def images(n: int) -> torch.Tensor:
+        return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=generator)
+
+    with torch.random.fork_rng():
+        net = build_denoiser(cfg, num_classes).to(device)
+        loss_fn = diffusion_loss(cfg, num_classes)
+        optimizer = torch.optim.Adam(net.parameters(), lr=0.0)
+        x, y = images(cfg.pretrain.batch_size), torch.randint(0, num_classes, (cfg.pretrain.batch_size,))
+
+        def pretrain_step() -> None:
+            optimizer.zero_grad()
+            loss_fn(net, to_tensor(x).to(device), y.to(device)).mean().backward()
+            optimizer.step()
+
+        f = cfg.finetune
+        engine = DPSGD(net, loss_fn, clip_norm=f.clip_norm, noise_multiplier=1.0, expected_batch_size=1.0,
+                       noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
+                       noise=GaussianNoise(seed=0))
+        dp_batch = 2 * engine.samples_per_chunk
+        dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
+        dp_seconds = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer))
+
+        fx = to_tensor(images(cfg.sample.batch_size)).to(device)
+        sigma = torch.ones(len(fx), device=device)
+        labels = torch.zeros(len(fx), dtype=torch.long, device=device)
+        with torch.inference_mode():
+            forward_seconds = _seconds(lambda: net.eval()(fx, sigma, labels))
+
+        throughput = {
+            "pretrain_step": _seconds(pretrain_step),
+            "dp_sample": dp_seconds / dp_batch,
+            "denoiser_image": forward_seconds / len(fx),
+        }
+        probe_images, probe_labels = images(PROBE_IMAGES).numpy(), (torch.arange(PROBE_IMAGES) % num_classes).numpy()
+        for name in cfg.evaluate.classifiers:
+            model = CLASSIFIERS[name](cfg.data.channels, num_classes)
+            seconds = _seconds(lambda: train_classifier(model, probe_images, probe_labels, epochs=1,
+                                                        device=str(device)), repeats=1)
+            throughput[f"classifier_{name}_image_epoch"] = seconds / PROBE_IMAGES
+    if cfg.evaluate.fid:
+        from privimage.evaluation.fid import InceptionFeatures
+
+        inception = InceptionFeatures(cfg.evaluate.fid_weights, device=str(device))
+        sample = images(8).numpy()
+        throughput["inception_image"] = _seconds(lambda: inception(sample, batch_size=8), repeats=1) / 8
+    return throughput
+
+
+def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.device) -> float:
+    """Seconds per image-epoch of the semantic classifier, on random images of the public set's shape."""
+    from privimage.semantics.stage import build_classifier
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (PROBE_IMAGES, *public.images.shape[1:]), dtype=torch.uint8,
+                           generator=generator).numpy()
+    labels = (torch.arange(PROBE_IMAGES) % public.num_classes).numpy()
+    c = cfg.semantics.classifier
+    with torch.random.fork_rng():
+        model = build_classifier(cfg, public)
+        seconds = _seconds(lambda: train_classifier(model, images, labels, epochs=1, batch_size=c.batch_size,
+                                                    augment=c.augment, device=str(device)), repeats=1)
+    return seconds / PROBE_IMAGES
+
+
+def evaluations_per_classifier(cfg: DictConfig) -> int:
+    """How many times the evaluate stage trains each downstream classifier."""
+    return 1
+
+
+def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
+              evaluations_per_classifier: int, uses_pretraining: bool, num_samples: int) -> Plan:
+    """Scale the configured pretraining and DP-SGD steps so that the run ends within `seconds_left`."""
+    s, e = cfg.sample, cfg.evaluate
+    denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
+    expected = {
+        "semantics": semantics_seconds,
+        "sample": s.n * denoiser_calls * throughput["denoiser_image"],
+        "evaluate": sum(evaluations_per_classifier * e.classifier_epochs * s.n
+                        * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)
+        + (2 * e.fid_samples * throughput["inception_image"] if e.fid else 0.0),
+        "report": REPORT_SECONDS,
+    }
+    pretrain_steps = cfg.pretrain.steps if uses_pretraining else 0
+    sample_rate, dp_steps = finetune_steps(cfg, num_samples)
+    dp_step = sample_rate * num_samples * throughput["dp_sample"]
+    configured = pretrain_steps * throughput["pretrain_step"] + dp_steps * dp_step
+    trainable = SAFETY * (seconds_left - sum(expected.values()))
+    factor = trainable / configured
+    planned_pretrain = math.floor(factor * pretrain_steps)
+    planned_finetune = math.floor(factor * dp_steps)
+    if planned_finetune < 1 or (uses_pretraining and planned_pretrain < 1):
+        raise UserError(
+            f"--minutes {cfg.minutes:g} leaves {max(trainable, 0):.0f} s for training after sampling and "
+            f"evaluation ({sum(expected.values()):.0f} s expected): raise --minutes, or lower sample.n or "
+            "evaluate.classifier_epochs"
+        )
+    expected["pretrain"] = planned_pretrain * throughput["pretrain_step"]
+    expected["finetune"] = planned_finetune * dp_step
+    return Plan(minutes=float(cfg.minutes), seconds_left=seconds_left, throughput=throughput,
+                expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune)

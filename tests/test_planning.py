@@ -1,0 +1,58 @@
+"""`--minutes`: the plan fits the budget, scales the configured recipe, and is made once per run directory."""
+
+import json
+
+import pytest
+
+from privimage import planning
+from privimage.config import load_config
+from privimage.errors import UserError
+from privimage.pipeline import Pipeline
+
+THROUGHPUT = {"pretrain_step": 0.12, "dp_sample": 0.006, "denoiser_image": 0.0008, "classifier_cnn_image_epoch": 0.0005,
+              "classifier_resnet_image_epoch": 0.0015, "inception_image": 0.15}  # about a 2-core machine
+
+
+def opened(cfg, out) -> Pipeline:
+    """Validate, then lock and create the run directory, as the CLI does."""
+    return Pipeline(cfg, out).validate().create()
+
+
+def test_plan_scales_the_recipe_to_fit_the_seconds_left():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+                              uses_pretraining=True, num_samples=4000)
+    assert sum(plan.expected_seconds.values()) <= 900.0
+    assert sum(plan.expected_seconds.values()) >= planning.SAFETY * 900.0 - 1  # and uses it
+    configured = cfg.pretrain.steps / cfg.finetune.steps
+    assert plan.pretrain_steps / plan.finetune_steps == pytest.approx(configured, rel=0.05)
+    faster = planning.make_plan(cfg, {k: v / 2 for k, v in THROUGHPUT.items()}, 900.0, semantics_seconds=30.0,
+                                evaluations_per_classifier=1, uses_pretraining=True, num_samples=4000)
+    assert faster.finetune_steps > 2 * plan.finetune_steps  # a machine twice as fast trains more than twice as long
+
+
+def test_a_budget_too_small_for_one_step_is_a_user_error():
+    cfg = load_config(None, None, ["minutes=1"])
+    with pytest.raises(UserError, match="raise --minutes"):
+        planning.make_plan(cfg, THROUGHPUT, 60.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+                           uses_pretraining=True, num_samples=4000)
+
+
+def test_the_plan_is_made_before_the_data_is_touched_and_kept_by_the_run_directory(tmp_path, cache_dir, monkeypatch):
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30"])
+    pipeline = opened(cfg, tmp_path / "run")
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert pipeline.cfg.pretrain.steps == plan["pretrain_steps"] >= 1
+    assert pipeline.cfg.finetune.steps == plan["finetune_steps"] >= 1
+    assert set(plan["throughput"]) >= {"pretrain_step", "dp_sample", "denoiser_image"}
+    booked = pipeline.planned_mechanisms()[-1]
+    assert booked.steps == plan["finetune_steps"]  # σ is calibrated for the planned T
+    pipeline.close()
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("a resumed run must keep its plan, not probe again")
+
+    monkeypatch.setattr("privimage.pipeline.probe", no_probe)
+    again = opened(load_config(None, None, [], saved=tmp_path / "run" / "config.yaml"), tmp_path / "run")
+    assert again.cfg.finetune.steps == plan["finetune_steps"]
+    again.close()
