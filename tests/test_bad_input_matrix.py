@@ -47,6 +47,7 @@ def test_unicode_names_and_a_class_with_one_image(tmp_path):
         (["method=dpdm", "privacy.epsilon=1e-6"], ["noise multiplier"]),  # too small for a single DP step
         (["evaluate.fid=true", "evaluate.fid_weights=/nonexistent/inception.pt"], ["evaluate.fid_weights"]),
         (["evaluate.augment=-1"], ["evaluate.augment"]),
+        (["semantics.per_class=7"], ["semantics.per_class"]),  # 10 classes x 7 picks > the 62 quick glyphs
     ],
 )
 def test_bad_values_are_refused_before_the_run_dir_exists(tmp_path, cache_dir, overrides, words):

@@ -110,3 +110,12 @@ def test_predict_logits_batches_and_restores_mode():
     assert logits.shape == (10, 4) and model.training
     model.eval()
     torch.testing.assert_close(logits, model(to_tensor(images)).detach())
+
+
+def test_predict_logits_reduces_each_batch():
+    images, _ = corner_squares(10)
+    model = SmallCNN(1, 4, width=8).eval()
+    top = predict_logits(model, images, batch_size=3, reduce=lambda logits: logits.topk(2, dim=1).indices)
+    assert top.shape == (10, 2) and top.dtype == torch.int64
+    torch.testing.assert_close(top, predict_logits(model, images).topk(2, dim=1).indices)
+    assert len(predict_logits(model, images[:0])) == 0  # an empty held-out split

@@ -82,7 +82,7 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
     device = resolve_device(cfg.device)
     cache_dir = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     public = load_dataset(d.public, resolution=d.resolution, channels=d.channels, cache_dir=cache_dir,
-                          glyph_samples=d.glyph_samples, seed=0)
+                          glyph_samples=d.glyph_samples, seed=0, convert=True)
     planned_size = a.public_images + a.canaries / 2  # the expected training set, fixed before the coin flips
     plan_finetune(cfg, planned_size, [])  # a budget too small refuses here, before anything is written
     rng = np.random.default_rng(secrets.randbits(256))  # who is in stays unknown to everyone until the scores are in

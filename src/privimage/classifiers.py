@@ -8,7 +8,7 @@ train and eval behave alike and the same nets remain usable under DP-SGD.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -238,18 +238,28 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, batch_size: int = 512, device: str = "cpu") -> Tensor:
-    """Logits for uint8 NHWC images, on the CPU; leaves the model's train/eval mode as it was."""
+def predict_logits(
+    model: nn.Module, images: np.ndarray, batch_size: int = 512, device: str = "cpu",
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Logits for uint8 NHWC images, on the CPU; leaves the model's train/eval mode as it was.
+
+    `reduce` maps each batch's logits first (e.g. to the argmax), so that N × classes floats need
+    not exist at once for a large set. Images are read a batch at a time (an ImageFile included).
+    """
     was_training = model.training
     model.to(device).eval()
-    logits = [
-        model(to_tensor(images[start : start + batch_size]).to(device)).cpu()
-        for start in range(0, len(images), batch_size)
-    ]
+    reduce = reduce or (lambda logits: logits)
+    result = torch.empty(0)
+    for start in range(0, len(images), batch_size):
+        batch = reduce(model(to_tensor(images[start : start + batch_size]).to(device))).cpu()
+        if start == 0:  # one array for all: many small ones kept between batches fragment the heap
+            result = batch.new_empty((len(images), *batch.shape[1:]))
+        result[start : start + len(batch)] = batch
     model.train(was_training)
-    return torch.cat(logits)
+    return result
 
 
 def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray, device: str = "cpu") -> float:
-    predictions = predict_logits(model, images, device=device).argmax(dim=1).numpy()
+    predictions = predict_logits(model, images, device=device, reduce=lambda logits: logits.argmax(1)).numpy()
     return float(np.mean(predictions == np.asarray(labels)))

@@ -75,10 +75,20 @@ class Pipeline:
         self.sensitive_train, self.sensitive_test  # noqa: B018 -- load (and validate) the data now
         if self.method.uses_public_data:
             self.public  # noqa: B018
+        if self.method.queries_semantics:
+            self._check_selection_fits()
         if self.cfg.minutes is not None:
             self._apply_plan()
         self.planned_mechanisms()  # refuses a budget too small to train
         return self
+
+    def _check_selection_fits(self) -> None:
+        s, num_public = self.cfg.semantics, self.public.num_classes
+        picks = (s.per_class or s.k) * self.sensitive_train.num_classes
+        if s.k > num_public or picks > num_public:
+            raise UserError(f"semantics.k={s.k} and {picks} picks in all ({s.per_class or s.k} per sensitive class) "
+                            f"need at least as many public classes; {self.cfg.data.public} has {num_public}: "
+                            "lower semantics.k or semantics.per_class")
 
     def _apply_plan(self) -> None:
         """Step counts for `minutes`: the run directory's plan when it has one (a resumed run keeps its
@@ -192,7 +202,7 @@ class Pipeline:
     def public(self) -> ImageDataset:
         d = self.cfg.data
         return load_dataset(d.public, resolution=d.resolution, channels=d.channels, cache_dir=self.cache_dir,
-                            glyph_samples=d.glyph_samples, seed=0)
+                            glyph_samples=d.glyph_samples, seed=0, convert=True)
 
     # -- privacy plan ---------------------------------------------------------------------------
     def planned_mechanisms(self) -> list[Mechanism]:

@@ -1,7 +1,9 @@
 """Datasets: the built-in offline sets and the user's own images, as one `ImageDataset` type.
 
-`load_dataset` takes a built-in name or a path; `load_sensitive` adds the train/test split. Images stay
-uint8 NHWC in memory; `to_tensor` / `to_uint8` convert to and from the models' float NCHW in [-1, 1].
+`load_dataset` takes a built-in name or a path (any format of data/formats.py); `load_sensitive` adds
+the train/test split. Images stay uint8 NHWC, in memory or (`convert=True`, public data only) in a
+converted file read a batch at a time (data/imagefile.py); `to_tensor` / `to_uint8` convert to and from
+the models' float NCHW in [-1, 1].
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from privimage.data.builtin import BUILTIN_NAMES, BuiltinInfo, builtin_datasets, load_builtin
-from privimage.data.user import load_user
+from privimage.data.formats import Source, open_source
+from privimage.data.imagefile import ImageFile, cache_key, converted
 from privimage.errors import UserError
 
 __all__ = [
@@ -37,7 +40,7 @@ __all__ = [
 
 @dataclass(frozen=True, eq=False)
 class ImageDataset:
-    images: np.ndarray  # uint8, N×H×W×C (C = 1 or 3)
+    images: np.ndarray | ImageFile  # uint8, N×H×W×C (C = 1 or 3)
     labels: np.ndarray  # int64, N, each in [0, len(class_names))
     class_names: tuple[str, ...]
     name: str  # a built-in name or the user's path
@@ -67,12 +70,20 @@ class ImageDataset:
         return self.images.shape[3]
 
     def subset(self, indices: np.ndarray) -> ImageDataset:
-        return replace(self, images=self.images[indices], labels=self.labels[indices])
+        """The images at `indices`; of an ImageFile, a lazy selection that copies no pixels."""
+        images = self.images.select(indices) if isinstance(self.images, ImageFile) else self.images[indices]
+        return replace(self, images=images, labels=self.labels[indices])
 
     def fingerprint(self) -> str:
-        """Short content hash (images, labels, class names) that keys caches derived from this data."""
+        """Short content hash (images, labels, class names) that keys caches derived from this data.
+
+        An ImageFile contributes its key (its source files and selection), not a pass over its pixels.
+        """
         digest = hashlib.sha256(json.dumps([self.images.shape, self.class_names]).encode())
-        digest.update(np.ascontiguousarray(self.images).data)
+        if isinstance(self.images, ImageFile):
+            digest.update(self.images.key.encode())
+        else:
+            digest.update(np.ascontiguousarray(self.images).data)
         digest.update(np.ascontiguousarray(self.labels).data)
         return digest.hexdigest()[:16]
 
@@ -111,20 +122,37 @@ def load_dataset(
     cache_dir: Path | None = None,
     glyph_samples: int = 300,
     seed: int = 0,
+    convert: bool = False,
 ) -> ImageDataset:
-    """A built-in dataset by name (`glyph_samples` and `seed` shape the generated glyphs) or a folder/.npz."""
+    """A built-in dataset by name (`glyph_samples` and `seed` shape the generated glyphs) or a user path.
+
+    With `convert` a user dataset is converted once into `cache_dir`/images and read from there a
+    batch at a time (an ImageFile): for public data only, since the cache is shared.
+    """
+    return _load(spec, resolution=resolution, channels=channels, cache_dir=cache_dir, glyph_samples=glyph_samples,
+                 seed=seed, convert=convert)[0]
+
+
+def _load(
+    spec: str, *, resolution: int, channels: int, cache_dir: Path | None, glyph_samples: int = 300, seed: int = 0,
+    convert: bool = False,
+) -> tuple[ImageDataset, Source | None]:
+    """The dataset, and the test split its format ships (CIFAR's test_batch) if any."""
     _check_shape(resolution, channels)
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     if spec not in BUILTIN_NAMES:
-        images, labels, class_names = load_user(_user_path(spec), resolution, channels)
-        return ImageDataset(images, labels, class_names, spec)
+        source = open_source(_user_path(spec), resolution, channels)
+        if not convert:
+            return ImageDataset(*source.load(), spec), source.test
+        key = cache_key(source.files, source.root, resolution, channels)
+        return ImageDataset(*converted(cache_dir / "images", key, source.chunks, source.class_names), spec), source.test
     if not _is_int(glyph_samples) or glyph_samples < 1:
         raise UserError(f"glyph_samples {glyph_samples!r} is not a positive integer: set e.g. 300")
-    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
     gray, labels, class_names = load_builtin(
         spec, resolution=resolution, cache_dir=cache_dir, glyph_samples=glyph_samples, seed=seed
     )
     images = np.repeat(gray[..., None], channels, axis=-1)
-    return ImageDataset(images, labels, class_names, spec)
+    return ImageDataset(images, labels, class_names, spec), None
 
 
 def _align_classes(test: ImageDataset, class_names: tuple[str, ...]) -> ImageDataset:
@@ -154,11 +182,14 @@ def load_sensitive(
     cache_dir: Path | None = None,
     split_key: bytes,
 ) -> tuple[ImageDataset, ImageDataset]:
-    """(train, test) of the sensitive data: `test_spec` as the test set, else a per-image keyed split."""
-    data = load_dataset(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
+    """(train, test) of the sensitive data: `test_spec` as the test set, else the format's own test split
+    (CIFAR's test_batch), else a per-image keyed split."""
+    data, shipped_test = _load(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
     if test_spec is not None:
         test = load_dataset(test_spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
         return data, _align_classes(test, data.class_names)
+    if shipped_test is not None:
+        return data, _align_classes(ImageDataset(*shipped_test.load(), shipped_test.name), data.class_names)
     if not 0 < test_fraction < 1:
         raise UserError(f"test_fraction {test_fraction!r} is not between 0 and 1: set e.g. 0.2")
     in_test = keyed_split(data, test_fraction, split_key)

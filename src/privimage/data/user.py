@@ -1,14 +1,20 @@
 """The user's own images: a folder of class subfolders, one folder of unlabelled images, or an .npz.
 
+(data/formats.py adds the batch formats CIFAR and downsampled ImageNet ship in.)
+
 Every image is converted to the requested channels, centre-cropped to a square and resized, so mixed
 modes and sizes load as one array. Anything wrong with the input is a `UserError` that names the file.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import os
 import warnings
 import zipfile
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +27,8 @@ from privimage.errors import UserError
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
 NPZ_HELP = "save it with numpy.savez(path, images=uint8 N×H×W[×C], labels=integers, class_names=strings)"
 ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+CHUNK_IMAGES = 4096  # images decoded per chunk: the memory a large folder needs while it is read
+POOL_MIN_IMAGES = 2048  # smaller folders decode in this process: a pool would take longer to start
 
 # Images N×r×r×C uint8, int64 labels, class names.
 Labelled = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
@@ -84,12 +92,34 @@ def read_image(path: Path, resolution: int, channels: int) -> np.ndarray:
     return array.reshape(resolution, resolution, channels)
 
 
-def _read_all(paths: list[Path], resolution: int, channels: int, desc: str) -> np.ndarray:
-    return np.stack([read_image(path, resolution, channels) for path in tqdm(paths, desc=desc, leave=False)])
+def _stacked(decoded: Iterator[np.ndarray], progress: tqdm) -> Iterator[np.ndarray]:
+    while chunk := list(itertools.islice(decoded, CHUNK_IMAGES)):
+        progress.update(len(chunk))
+        yield np.stack(chunk)
 
 
-def load_folder(folder: Path, resolution: int, channels: int) -> Labelled:
-    """One class per subfolder (sorted names), or one unlabelled class named after a folder of images."""
+def read_images(paths: list[Path], resolution: int, channels: int, desc: str) -> Iterator[np.ndarray]:
+    """The images at `paths`, in order, as N×r×r×C chunks of at most CHUNK_IMAGES.
+
+    Large sets are decoded by a pool of processes, one per core; the chunks keep memory bounded
+    by a chunk, however many images there are.
+    """
+    read = functools.partial(read_image, resolution=resolution, channels=channels)
+    workers = len(os.sched_getaffinity(0))
+    with tqdm(total=len(paths), desc=desc, leave=False) as progress:
+        if len(paths) < POOL_MIN_IMAGES or workers == 1:
+            yield from _stacked(map(read, paths), progress)
+            return
+        pool = ProcessPoolExecutor(workers)
+        try:
+            yield from _stacked(pool.map(read, paths, chunksize=64), progress)
+        finally:  # on an error, drop the images not decoded yet rather than wait for them
+            pool.shutdown(cancel_futures=True)
+
+
+def folder_index(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """(image paths, labels, class names) of a folder: one class per subfolder (sorted names), or one
+    unlabelled class named after a folder of images."""
     class_dirs = sorted(p for p in folder.iterdir() if _visible(p) and p.is_dir() and not p.is_symlink())
     loose_images = sorted(p for p in folder.iterdir() if _is_image(p))
     if class_dirs and loose_images:
@@ -103,16 +133,15 @@ def load_folder(folder: Path, resolution: int, channels: int) -> Labelled:
                 f"folder {folder} has no images: put one subfolder of PNG/JPEG images per class in it "
                 "(or the images themselves for one unlabelled class)"
             )
-        images = _read_all(loose_images, resolution, channels, f"reading {folder}")
-        return images, np.zeros(len(images), np.int64), (folder.resolve().name,)
-    images, labels = [], []
+        return loose_images, np.zeros(len(loose_images), np.int64), (folder.resolve().name,)
+    paths, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        paths = _images_under(class_dir)
-        if not paths:
+        found = _images_under(class_dir)
+        if not found:
             raise UserError(f"class folder {class_dir} has no images: add PNG/JPEG images to it or remove it")
-        images.append(_read_all(paths, resolution, channels, f"reading {class_dir.name}"))
-        labels.append(np.full(len(paths), label, np.int64))
-    return np.concatenate(images), np.concatenate(labels), tuple(p.name for p in class_dirs)
+        paths += found
+        labels.append(np.full(len(found), label, np.int64))
+    return paths, np.concatenate(labels), tuple(p.name for p in class_dirs)
 
 
 def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -136,6 +165,11 @@ def _npz_images(path: Path, images: np.ndarray, resolution: int, channels: int) 
         images = images[..., None]
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
         raise UserError(f"{path}: images have shape {images.shape}: store N×H×W or N×H×W×C with C 1 or 3")
+    return fit_images(images, resolution, channels)
+
+
+def fit_images(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
+    """uint8 N×H×W×C (C 1 or 3) -> N×resolution×resolution×channels, resized and converted as needed."""
     if images.shape[1:] == (resolution, resolution, channels):
         return images
     mode = "L" if channels == 1 else "RGB"
@@ -180,12 +214,3 @@ def load_npz(path: Path, resolution: int, channels: int) -> Labelled:
     images = _npz_images(path, images, resolution, channels)
     labels, class_names = _npz_labels(path, labels, len(images), names)
     return images, labels, class_names
-
-
-def load_user(path: Path, resolution: int, channels: int) -> Labelled:
-    """A user dataset at an existing `path`: a folder or an .npz file."""
-    if path.is_dir():
-        return load_folder(path, resolution, channels)
-    if path.suffix.lower() == ".npz":
-        return load_npz(path, resolution, channels)
-    raise UserError(f"{path} is neither a folder nor an .npz file: point to a folder of images or an .npz")

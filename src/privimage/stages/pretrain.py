@@ -84,8 +84,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int,
     checkpoint = Checkpointer(folder, net, ema, optimizer)
     start = checkpoint.restore()
     trained = DistributedDataParallel(net) if distributed.is_distributed() else net
-    images = torch.as_tensor(data.images, device=device)  # uint8: a large public set stays small
-    labels = torch.as_tensor(data.labels, device=device)
+    labels = torch.as_tensor(data.labels)  # images are read a batch at a time: a set of any size fits
     per_rank = math.ceil(p.batch_size / distributed.world_size())
     loss_fn = diffusion_loss(cfg, num_classes)
     rank_seed = distributed.rank_seed(cfg.seed)
@@ -95,9 +94,10 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int,
     with seeded(rank_seed + start, device), scalars(run.tensorboard / "pretrain") as writer, \
             progress("pretrain", start, p.steps) as bar:
         for step in range(start, p.steps):
-            index = torch.randint(len(images), (per_rank,), generator=generator).to(device)
+            index = torch.randint(len(labels), (per_rank,), generator=generator)
+            x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(trained, to_tensor(images[index]), labels[index]).mean()
+                loss = loss_fn(trained, x, labels[index].to(device)).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

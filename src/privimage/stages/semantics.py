@@ -6,6 +6,7 @@ the pretraining stage.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,8 +81,8 @@ def semantic_classifier(
         augment=c.augment, balanced=True, seed=cfg.seed, device=str(device), desc="semantic classifier",
         data_parallel=distributed.is_distributed(),
     )
-    logits = predict_logits(model, holdout.images, device=str(device))
-    accuracy = float((logits.argmax(1).cpu().numpy() == holdout.labels).mean()) if n_holdout else float("nan")
+    predicted = predict_logits(model, holdout.images, device=str(device), reduce=lambda logits: logits.argmax(1))
+    accuracy = float((predicted.numpy() == holdout.labels).mean()) if n_holdout else float("nan")
     if distributed.is_main():
         save_checkpoint(path, model.state_dict(), {"holdout_accuracy": accuracy, "classes": list(public.class_names)})
     return model.eval(), accuracy
@@ -135,7 +136,7 @@ def run_semantics(
             raise UserError(f"the ledger records this semantic query as released but {run.semantics} is missing "
                             "or from another query: querying again would release the votes twice; use a new --out")
         return released  # the same result, never a second one
-    votes = top_k_classes(predict_logits(model, sensitive_train.images, device=str(device)), s.k)
+    votes = predict_logits(model, sensitive_train.images, device=str(device), reduce=lambda l: top_k_classes(l, s.k))
     hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
     if not booked:
         ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked before the noisy result exists, let alone is used
@@ -167,7 +168,7 @@ def run_semantics(
     ledger.record_release("semantics", release, 1)
     write_json(run.semantics, result)
     # For the data owner: how often the classifier's top-1 public class names a real test image's class.
-    test_top1 = predict_logits(model, sensitive_test.images, device=str(device)).argmax(1).cpu().numpy()
+    test_top1 = predict_logits(model, sensitive_test.images, device=str(device), reduce=lambda l: l.argmax(1)).numpy()
     agreement = np.mean([
         _same_semantic(public.class_names[p], sensitive_test.class_names[y])
         for p, y in zip(test_top1, sensitive_test.labels)
@@ -185,10 +186,8 @@ def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_
             relabel[index[public_name]] = sensitive_index
     new_labels = relabel[public.labels]
     keep = np.flatnonzero(new_labels >= 0)
-    return ImageDataset(
-        images=public.images[keep], labels=new_labels[keep], class_names=tuple(class_names),
-        name=f"{public.name}[selected]",
-    )
+    return replace(public.subset(keep), labels=new_labels[keep], class_names=tuple(class_names),
+                   name=f"{public.name}[selected]")
 
 
 def run(pipeline: Pipeline) -> None:
