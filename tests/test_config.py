@@ -44,6 +44,8 @@ def test_saved_config_is_the_starting_point(tmp_path):
         ("model.base_channels=15", "model.base_channels"),
         ("sample.steps=0", "sample.steps"),
         ("minutes=0", "minutes"),
+        ("finetune=3", "'finetune' is a section"),
+        ("semantics.classifier=1", "'semantics.classifier' is a section"),
         ("nonsense.key=1", "unknown config key 'nonsense"),
         ("semantics.typo=1", "unknown config key 'semantics.typo'"),
         ("novalue", "key=value"),

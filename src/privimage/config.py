@@ -31,7 +31,7 @@ def _preset_yaml(name: str) -> DictConfig:
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     """Merge `layer` into the struct-locked `base`; unknown keys become a one-line UserError."""
     try:
-        return OmegaConf.merge(base, layer)
+        merged = OmegaConf.merge(base, layer)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or ""
         reason = str(exc).splitlines()[0]
@@ -41,6 +41,18 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
                 "src/privimage/presets/base.yaml for the keys privimage knows"
             ) from None
         raise UserError(f"{source}: bad value for '{key}': {reason}") from None
+    _check_sections(base, merged, source)
+    return merged
+
+
+def _check_sections(base: DictConfig, merged: DictConfig, source: str, prefix: str = "") -> None:
+    """A section stays a section: `finetune=3` would replace every fine-tuning key with a number."""
+    for key, value in base.items_ex(resolve=False):
+        if isinstance(value, DictConfig):
+            name = f"{prefix}{key}"
+            if not isinstance(merged.get(key), DictConfig):
+                raise UserError(f"{source}: '{name}' is a section, not a value: set its keys, e.g. {name}.<key>=...")
+            _check_sections(value, merged[key], source, f"{name}.")
 
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
