@@ -289,3 +289,11 @@ def test_quick_run_on_cifar_and_imagenet32_batch_files(tmp_path, cache_dir):
         assert synthetic["images"].shape[1:] == (32, 32, 3)
         assert list(synthetic["class_names"]) == CIFAR10_NAMES
     assert (tmp_path / "run" / "metrics.json").is_file()
+
+
+def test_a_cifar_folder_given_as_the_test_set_gives_its_test_batch(tmp_path):
+    """Pointing data.sensitive_test at a CIFAR folder must not silently use its training batches."""
+    written = write_cifar10(tmp_path / "cifar-10-batches-py")
+    root = str(tmp_path / "cifar-10-batches-py")
+    _, test = load_sensitive(root, resolution=32, channels=3, test_spec=root, split_key=KEY)
+    np.testing.assert_array_equal(test.images, written[2][0])

@@ -186,8 +186,7 @@ def load_sensitive(
     (CIFAR's test_batch), else a per-image keyed split."""
     data, shipped_test = _load(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
     if test_spec is not None:
-        test = load_dataset(test_spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
-        return data, _align_classes(test, data.class_names)
+        return data, _align_classes(_load_test_set(test_spec, resolution, channels, cache_dir), data.class_names)
     if shipped_test is not None:
         return data, _align_classes(ImageDataset(*shipped_test.load(), shipped_test.name), data.class_names)
     if not 0 < test_fraction < 1:
@@ -198,6 +197,16 @@ def load_sensitive(
             f"{spec}: too few images to hold out test_fraction {test_fraction}: add images or give a test set"
         )
     return data.subset(np.flatnonzero(~in_test)), data.subset(np.flatnonzero(in_test))
+
+
+def _load_test_set(spec: str, resolution: int, channels: int, cache_dir: Path | None) -> ImageDataset:
+    """A separately given test set; a dataset whose format ships a test split (a CIFAR folder) gives that split."""
+    if spec in BUILTIN_NAMES:
+        return load_dataset(spec, resolution=resolution, channels=channels, cache_dir=cache_dir)
+    _check_shape(resolution, channels)
+    source = open_source(_user_path(spec), resolution, channels)
+    chosen = source.test if source.test is not None else source
+    return ImageDataset(*chosen.load(), spec)
 
 
 def keyed_split(data: ImageDataset, test_fraction: float, key: bytes) -> np.ndarray:
