@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.data import ImageDataset, to_tensor
+from privimage.diffusion.adapters import merged_state_dict, set_trainable
 from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.unet import UNet
@@ -183,6 +184,19 @@ def plan_finetune(cfg: DictConfig, num_samples: int, fixed: list[Mechanism]) -> 
                      sample_rate=sample_rate, steps=steps)
 
 
+def lr_factor(schedule: str, warmup_steps: int, step: int, steps: int) -> float:
+    """Learning-rate multiplier at `step` of `steps`: a linear warm-up, then constant or cosine to zero.
+
+    A function of the step alone, so a resumed run continues the same schedule without saved state.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
+
+
 def finetune(
     cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, pretrained: Path | None,
     device: torch.device, *, release: str = "", dp_noise: bool = True,
@@ -216,8 +230,9 @@ def finetune(
     if pretrained is not None:
         tensors, _ = load_checkpoint(pretrained)
         net.load_state_dict(tensors)
+    set_trainable(net, f.trainable, f.lora_rank)
     net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=f.lr)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=f.lr)
     ema = EMA(net, decay=f.ema)
     checkpoint = _Checkpointer(folder, net, ema, optimizer)
     start = checkpoint.restore()
@@ -227,7 +242,7 @@ def finetune(
         net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
         noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0, expected_batch_size=mechanism.sample_rate * len(sensitive),
         noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
-        generator=noise_generator(device, cfg.privacy.secure_rng), secure_noise=cfg.privacy.secure_rng,
+        generator=noise_generator(device, cfg.privacy.secure_rng), secure_noise=cfg.privacy.secure_rng, bf16=f.bf16,
     )
     shard = distributed.shard(torch.arange(len(sensitive)))
     images = torch.as_tensor(sensitive.images[shard.numpy()], device=device)
@@ -238,6 +253,7 @@ def finetune(
     with _scalars(run, "finetune") as writer, _progress(None, "finetune (DP-SGD)", start, mechanism.steps) as bar:
         for step, index in enumerate(batches, start=start):
             index = index.to(device)
+            optimizer.param_groups[0]["lr"] = f.lr * lr_factor(f.lr_schedule, f.warmup_steps, step, mechanism.steps)
             noisy_loss = engine.step(to_tensor(images[index]), labels[index], optimizer)
             ema.update(net)
             if (step + 1) % epsilon_every == 0 or step + 1 == mechanism.steps:  # an accountant call is not free
@@ -253,5 +269,5 @@ def finetune(
             if (step + 1) % f.checkpoint_every == 0 or step + 1 == mechanism.steps:
                 checkpoint.save(step + 1)
     if distributed.is_main():
-        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "finetune", "steps": mechanism.steps})
+        save_checkpoint(folder / MODEL_FILE, merged_state_dict(ema.module), {"stage": "finetune", "steps": mechanism.steps})
     distributed.barrier()

@@ -64,6 +64,9 @@ class DPSGD:
     `secure_noise` draws each Gaussian as Opacus' secure mode does (a sum of four draws, after
     discarding one), which defeats the floating-point attacks on naive Gaussian samplers (Mironov 2012,
     Holohan & Braghin 2021); pair it with a cryptographic `generator` (runtime.noise_generator).
+
+    `bf16` runs the model's forward (and so its backward) under bfloat16 autocast, CPU included: the
+    per-sample gradients come back in the parameters' float32, and norms, clipping and noise stay float32.
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class DPSGD:
         loss_weight: float = 0.1,
         generator: torch.Generator | None = None,
         secure_noise: bool = False,
+        bf16: bool = False,
     ):
         if clip_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0 and expected_batch_size > 0")
@@ -97,6 +101,7 @@ class DPSGD:
         self.loss_weight = loss_weight
         self.generator = generator
         self.secure_noise = secure_noise
+        self.bf16 = bf16
         self.noise_std = noise_multiplier * clip_norm * math.sqrt(1 + loss_weight**2)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._per_sample_grads = vmap(
@@ -111,7 +116,8 @@ class DPSGD:
         def forward(*args, **kwargs) -> Tensor:
             return functional_call(self.model, params, args, kwargs)
 
-        loss = self.loss_fn(forward, xs, ys).mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(forward, xs, ys).float().mean()
         return loss, loss.detach()
 
     def _clipped_sums(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:
