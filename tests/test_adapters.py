@@ -22,8 +22,8 @@ def loss_fn(forward, x, y):
     return edm_loss(forward, x, y, num_classes=3)
 
 
-def dp_step(net: nn.Module, bf16: bool = False) -> None:
-    engine = DPSGD(net, loss_fn, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, bf16=bf16)
+def dp_step(net: nn.Module) -> None:
+    engine = DPSGD(net, loss_fn, clip_norm=1.0, noise_multiplier=1.0, expected_batch_size=4)
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
     engine.step(torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]), optimizer)
 
