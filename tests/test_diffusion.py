@@ -262,3 +262,12 @@ def test_ema_state_dict_round_trip() -> None:
     assert restored.num_updates == 3
     assert restored.current_decay() == ema.current_decay()
     assert torch.equal(restored.module.weight, ema.module.weight)
+
+
+def test_finetune_lr_schedule_warms_up_then_decays_to_zero() -> None:
+    from privimage.diffusion.training import lr_factor
+
+    assert [lr_factor("constant", 4, s, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = [lr_factor("cosine", 2, s, 12) for s in range(12)]
+    assert cosine[:3] == [0.5, 1.0, 1.0]
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.05

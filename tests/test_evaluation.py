@@ -216,3 +216,59 @@ def test_downstream_rejects_unknown_classifier():
     images, labels = stripes(8, seed=0)
     with pytest.raises(UserError, match="vgg"):
         downstream_accuracy(SimpleNamespace(images=images, labels=labels), images, labels, classifiers=("vgg",))
+
+
+# --- evaluation stage: the headline measure, the augmented extra, the private reference ------------
+
+def evaluated_run(tmp_path, monkeypatch, *overrides):
+    """run_evaluation on stripes, recording the augmentation strength of every training batch."""
+    from privimage.config import load_config
+    from privimage.data import ImageDataset
+    from privimage.stages.evaluate import run_evaluation
+    from privimage.atomic import read_json
+    from privimage.rundir import RunDir
+
+    strengths = []
+    distort = classifiers._distort
+
+    def recording_distort(x, generator, strength=1.0):
+        strengths.append(strength)
+        return distort(x, generator, strength)
+
+    monkeypatch.setattr(classifiers, "_distort", recording_distort)
+    cfg = load_config(overrides=["evaluate.fid=false", "evaluate.classifiers=[cnn]", "evaluate.classifier_epochs=1",
+                                 *overrides])
+    names = ("h", "v")
+    sets = [ImageDataset(images, labels.astype(np.int64), names, name) for name, (images, labels) in
+            (("synthetic", stripes(32, seed=0)), ("train", stripes(96, seed=1)), ("test", stripes(32, seed=2)))]
+    run = RunDir(tmp_path / "run").create()
+    with open(run.synthetic, "wb") as fh:
+        np.savez(fh, images=sets[0].images, labels=sets[0].labels, class_names=np.array(names))
+    metrics = run_evaluation(cfg, run, sets[1], sets[2], torch.device("cpu"))
+    assert metrics == read_json(run.metrics)
+    return run, metrics, strengths
+
+
+def test_headline_accuracy_trains_without_augmentation(tmp_path, monkeypatch):
+    """With evaluate.augment > 0 the headline still trains plainly; the augmented figure is a separate key."""
+    _, metrics, strengths = evaluated_run(tmp_path, monkeypatch, "evaluate.augment=1.0", "evaluate.reference=false")
+    assert set(metrics["accuracy"]) == set(metrics["accuracy_augmented"]) == {"cnn"}
+    headline, augmented = strengths[: len(strengths) // 2], strengths[len(strengths) // 2:]
+    assert headline and all(s == 0.0 for s in headline)
+    assert augmented and all(s == 1.0 for s in augmented)
+
+
+def test_no_augmented_figure_at_augment_zero(tmp_path, monkeypatch):
+    _, metrics, strengths = evaluated_run(tmp_path, monkeypatch, "evaluate.augment=0", "evaluate.reference=false")
+    assert "accuracy_augmented" not in metrics and set(strengths) == {0.0}
+
+
+def test_real_data_reference_is_written_only_under_private(tmp_path, monkeypatch):
+    from privimage.atomic import read_json
+
+    run, metrics, strengths = evaluated_run(tmp_path, monkeypatch, "evaluate.reference=true")
+    reference = read_json(run.root / "private" / "reference.json")
+    assert reference["train_images"] == 32  # as many real training images as synthetic ones
+    assert set(reference["accuracy"]) == {"cnn"} and 0 <= reference["accuracy"]["cnn"] <= 1
+    assert set(strengths) == {0.0}  # the reference trains as the headline does
+    assert "reference" not in run.metrics.read_text() and "reference" not in str(metrics)

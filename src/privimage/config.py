@@ -21,6 +21,7 @@ from privimage.errors import UserError
 from privimage.methods import METHODS
 
 PRESETS = ("quick", "default", "paper")
+TRAINABLE = ("all", "norms_biases", "lora")  # finetune.trainable, see diffusion/adapters.py
 
 
 def _preset_yaml(name: str) -> DictConfig:
@@ -159,6 +160,15 @@ def validate(cfg: DictConfig) -> None:
     _check(f.epochs is None or (_is_number(f.epochs) and f.epochs > 0),
            f"finetune.epochs must be null or > 0 (got {f.epochs})")
     _check(_is_number(f.batch_size) and f.batch_size >= 1, f"finetune.batch_size must be >= 1 (got {f.batch_size})")
+    _check(_is_number(f.lr) and f.lr > 0, f"finetune.lr must be > 0 (got {f.lr})")
+    _check(f.lr_schedule in ("constant", "cosine"), f"finetune.lr_schedule must be constant or cosine (got {f.lr_schedule})")
+    _check(isinstance(f.warmup_steps, int) and f.warmup_steps >= 0,
+           f"finetune.warmup_steps must be an integer >= 0 (got {f.warmup_steps})")
+    _check(f.trainable in TRAINABLE, f"finetune.trainable must be one of {', '.join(TRAINABLE)} (got {f.trainable})")
+    _check(isinstance(f.lora_rank, int) and f.lora_rank >= 1,
+           f"finetune.lora_rank must be an integer >= 1 (got {f.lora_rank})")
+    _check(isinstance(f.bf16, bool), f"finetune.bf16 must be true or false (got {f.bf16})")
+    _check(_is_number(f.ema) and 0 <= f.ema < 1, f"finetune.ema must be in [0, 1) (got {f.ema})")
     for section in ("pretrain", "finetune", "sample"):
         value = cfg[section].batch_size if section != "finetune" else f.max_physical_batch
         _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
@@ -178,7 +188,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
            f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")
     _check(_is_number(e.augment) and e.augment >= 0,
-           f"evaluate.augment must be a number >= 0, 0 for no augmentation (got {e.augment})")
+           f"evaluate.augment must be a number >= 0, 0 for no augmented measure (got {e.augment})")
+    _check(isinstance(e.reference, bool), f"evaluate.reference must be true or false (got {e.reference})")
     a = cfg.audit
     for key in ("canaries", "guesses", "public_images", "steps", "batch_size", "score_draws"):
         _check(isinstance(a[key], int) and a[key] >= 1,

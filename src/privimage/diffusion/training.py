@@ -7,6 +7,7 @@ scalars and a progress bar, each written by rank 0 alone under torchrun.
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,6 +99,19 @@ def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, to
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return state
+
+
+def lr_factor(schedule: str, warmup_steps: int, step: int, steps: int) -> float:
+    """Learning-rate multiplier at `step` of `steps`: a linear warm-up, then constant or cosine to zero.
+
+    A function of the step alone, so a resumed run continues the same schedule without saved state.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0
 
 
 @contextmanager

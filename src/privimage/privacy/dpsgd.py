@@ -64,6 +64,9 @@ class DPSGD:
     A sample whose loss or gradient is not finite contributes nothing (a zero vector is within any
     clipping bound), so one bad input can neither poison the released sum nor reveal itself by it.
     `noise` is the source of the Gaussian noise (privacy/noise.py; OS entropy when None).
+
+    `bf16` runs the model's forward (and so its backward) under bfloat16 autocast, CPU included: the
+    per-sample gradients come back in the parameters' float32, and norms, clipping and noise stay float32.
     """
 
     def __init__(
@@ -79,6 +82,7 @@ class DPSGD:
         loss_clip: float = 1.0,
         loss_weight: float = 0.1,
         noise: NoiseSource | None = None,
+        bf16: bool = False,
     ):
         if clip_norm <= 0 or noise_multiplier < 0 or expected_batch_size <= 0:
             raise ValueError("need clip_norm > 0, noise_multiplier >= 0 and expected_batch_size > 0")
@@ -95,6 +99,7 @@ class DPSGD:
         self.loss_clip = loss_clip
         self.loss_weight = loss_weight
         self.noise = noise if noise is not None else GaussianNoise()
+        self.bf16 = bf16
         self.noise_std = noise_multiplier * clip_norm * math.sqrt(1 + loss_weight**2)
         self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
         self._per_sample_grads = vmap(
@@ -109,7 +114,8 @@ class DPSGD:
         def forward(*args, **kwargs) -> Tensor:
             return functional_call(self.model, params, args, kwargs)
 
-        loss = self.loss_fn(forward, xs, ys).mean()
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.loss_fn(forward, xs, ys).float().mean()
         return loss, loss.detach()
 
     def _clipped_sums(self, x: Tensor, y: Tensor) -> tuple[dict[str, Tensor], Tensor]:

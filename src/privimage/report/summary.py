@@ -31,6 +31,7 @@ def print_summary(run: RunDir, results: list, console: Console) -> None:
         metrics = read_json(run.metrics)
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
         shown |= {f"accuracy[{k}]": v for k, v in metrics.get("accuracy", {}).items()}
+        shown |= {f"accuracy_augmented[{k}]": v for k, v in metrics.get("accuracy_augmented", {}).items()}
         console.print("metrics (private to the data owner: measured on the sensitive data, outside the guarantee): "
                       + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), markup=False)
     console.print(f"synthetic data: {run.synthetic} (PNG folders in {run.synthetic_images}/)")

@@ -1,7 +1,15 @@
-"""Stage 5b: measure the synthetic set against the real data; writes `metrics.json`.
+"""Stage: measure the synthetic set against the real data; writes `metrics.json`.
 
 Evaluation reads the sensitive data only to measure, and its outputs are for the data owner: the
 closest-pairs picture shows real training images, so it goes under `private/`, never in the report.
+
+The headline downstream accuracy follows DPImageBench: the classifiers train on the synthetic set with
+no data-specific augmentation and fixed hyperparameters, and are tested on the real test split. With
+`evaluate.augment > 0` the same classifiers are also trained with augmentation, reported beside it as
+`accuracy_augmented` (it measures the classifier's augmentation as much as the data). With
+`evaluate.reference` they are trained on as many real *training* images as there are synthetic ones:
+what real data of that size would give. It is a statistic of the sensitive training split, so it goes
+to `private/reference.json` only.
 """
 
 from __future__ import annotations
@@ -14,22 +22,30 @@ from omegaconf import DictConfig
 
 from privimage import distributed
 from privimage.data import ImageDataset
-from privimage.evaluation.downstream import downstream_accuracy
+from privimage.evaluation.downstream import LabelledImages, downstream_accuracy
 from privimage.evaluation.fid import InceptionFeatures, feature_stats, fid_from_stats
 from privimage.evaluation.manifold import precision_recall
 from privimage.evaluation.memorization import closest_pairs_figure, memorization
-from privimage.atomic import write_bytes, write_json
+from privimage.atomic import read_json, write_bytes, write_json
 from privimage.rundir import RunDir
 from privimage.stages.sample import load_synthetic
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
 
+REFERENCE_FILE = "reference.json"  # under private/
 
-def seeded_subset(images: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """A seeded random subset of `n` images (all if fewer)."""
-    order = np.random.default_rng(seed).permutation(len(images))[:n]
-    return images[np.sort(order)]
+
+def seeded_subset(data: ImageDataset, n: int, seed: int) -> ImageDataset:
+    """A seeded random subset of `n` labelled images (all if fewer), in their original order."""
+    order = np.sort(np.random.default_rng(seed).permutation(len(data))[:n])
+    return data.subset(order)
+
+
+def read_reference(run: RunDir) -> dict | None:
+    """The private real-data reference of a run, if it was measured."""
+    path = run.private / REFERENCE_FILE
+    return read_json(path) if path.exists() else None
 
 
 def run_evaluation(
@@ -39,14 +55,23 @@ def run_evaluation(
     e = cfg.evaluate
     synthetic = load_synthetic(run)
     metrics: dict = {"samples": len(synthetic)}
-    metrics["accuracy"] = downstream_accuracy(
-        synthetic, test.images, test.labels, classifiers=tuple(e.classifiers), epochs=e.classifier_epochs,
-        augment=e.augment, seed=cfg.seed, device=str(device),
-    )
+
+    def accuracy(train_set: LabelledImages, augment: float = 0.0) -> dict[str, float]:
+        return downstream_accuracy(train_set, test.images, test.labels, classifiers=tuple(e.classifiers),
+                                   epochs=e.classifier_epochs, augment=augment, seed=cfg.seed, device=str(device))
+
+    metrics["accuracy"] = accuracy(synthetic)
+    if e.augment > 0:
+        metrics["accuracy_augmented"] = accuracy(synthetic, augment=e.augment)
+    if e.reference:
+        subset = seeded_subset(train, len(synthetic), cfg.seed)
+        write_json(run.private / REFERENCE_FILE, {"train_images": len(subset), "accuracy": accuracy(subset)},
+                   private=True)
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
-        real = feature_stats(seeded_subset(test.images, e.fid_samples, cfg.seed), extractor, run.private / "fid", private=True)
-        fake = feature_stats(seeded_subset(synthetic.images, e.fid_samples, cfg.seed), extractor)
+        real = feature_stats(seeded_subset(test, e.fid_samples, cfg.seed).images, extractor, run.private / "fid",
+                             private=True)
+        fake = feature_stats(seeded_subset(synthetic, e.fid_samples, cfg.seed).images, extractor)
         metrics["fid"] = fid_from_stats(real.mu, real.sigma, fake.mu, fake.sigma)
         metrics["fid_samples"] = {"real": len(real.features), "synthetic": len(fake.features)}
         precision, recall = precision_recall(real.features, fake.features, k=e.knn_k)

@@ -22,7 +22,8 @@ from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.ema import EMA
-from privimage.diffusion.training import Checkpointer, progress, scalars
+from privimage.diffusion.adapters import merged_state_dict, set_trainable
+from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
 from privimage.errors import UserError
 from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit,
                                           calibrate_noise_multiplier, compose_epsilon)
@@ -105,8 +106,9 @@ def finetune(
     if pretrained is not None:
         tensors, _ = load_checkpoint(pretrained)
         net.load_state_dict(tensors)
+    set_trainable(net, f.trainable, f.lora_rank)
     net.to(device).train()
-    optimizer = torch.optim.Adam(net.parameters(), lr=f.lr)
+    optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=f.lr)
     ema = EMA(net, decay=f.ema)
     checkpoint = Checkpointer(folder, net, ema, optimizer,
                                commit=lambda step: ledger.record_release("finetune", release, step))
@@ -117,7 +119,7 @@ def finetune(
         net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
         noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0,
         expected_batch_size=mechanism.sample_rate * (planned_size or len(sensitive)),
-        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch, noise=noise,
+        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch, noise=noise, bf16=f.bf16,
     )
     shard = distributed.shard(torch.arange(len(sensitive)))
     images = torch.as_tensor(sensitive.images[shard.numpy()], device=device)
@@ -131,6 +133,7 @@ def finetune(
             progress("finetune (DP-SGD)", start, mechanism.steps, bar_format=bar_format) as bar:
         for step, index in enumerate(batches, start=start):
             index = index.to(device)
+            optimizer.param_groups[0]["lr"] = f.lr * lr_factor(f.lr_schedule, f.warmup_steps, step, mechanism.steps)
             pending.append((step + 1, engine.step(to_tensor(images[index]), labels[index], optimizer)))
             ema.update(net)
             bar.update()
@@ -139,7 +142,7 @@ def finetune(
                 _release_pending(pending, writer, bar, earlier, mechanism, cfg.privacy)
                 pending = []
     if distributed.is_main():
-        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "finetune", "steps": mechanism.steps})
+        save_checkpoint(folder / MODEL_FILE, merged_state_dict(ema.module), {"stage": "finetune", "steps": mechanism.steps})
     distributed.barrier()
 
 

@@ -73,7 +73,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int,
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     On CUDA the forward pass runs under bf16 autocast (weights, optimizer and EMA stay float32); DP
-    fine-tuning stays in float32, where per-sample norms decide the clipping.
+    fine-tuning autocasts only with `finetune.bf16`, and its per-sample norms and clipping stay float32.
     """
     p = cfg.pretrain
     folder = run.pretrain_dir
