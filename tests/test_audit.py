@@ -53,3 +53,23 @@ def test_audit_refuses_a_used_directory(tmp_path, cache_dir):
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
     assert result.returncode == 2 and "needs a new --out" in result.stderr
+
+
+def test_the_audit_reads_no_sensitive_data(tmp_path, cache_dir, monkeypatch):
+    """It trains on public images plus canaries; the sensitive set is never loaded, so nothing is spent on it."""
+    from privimage import data
+    from privimage.audit import run_audit
+    from privimage.config import load_config
+
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", *SETTINGS, "audit.steps=2"])
+    real_load = data.load_dataset
+
+    def guarded(spec, **kwargs):
+        assert spec != cfg.data.sensitive, "the audit loaded the sensitive dataset"
+        return real_load(spec, **kwargs)
+
+    monkeypatch.setattr(data, "load_sensitive", lambda *a, **k: pytest.fail("the audit loaded the sensitive split"))
+    monkeypatch.setattr(data, "load_dataset", guarded)
+    monkeypatch.setattr("privimage.audit.load_dataset", guarded)
+    report = run_audit(cfg, tmp_path / "a")
+    assert report["guesses"] == 64 and 0 <= report["correct_guesses"] <= 64

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 
-from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
+from privimage.privacy.audit_bound import correct_guesses, epsilon_lower_bound
 
 
 def clopper_pearson_epsilon(correct: int, total: int, beta: float) -> float:
@@ -59,7 +59,7 @@ def test_the_delta_term_follows_theorem_5_2_by_direct_summation():
     """p-value under (ε, δ): the binomial tail + 2mδ·max_i P[v-i <= B < v]/i, summed term by term here."""
     from scipy.stats import binom
 
-    from privimage.privacy.audit import p_value
+    from privimage.privacy.audit_bound import p_value
 
     correct, total, m, epsilon, delta = 40, 64, 256, 0.7, 1e-4
     q = 1 / (1 + math.exp(-epsilon))

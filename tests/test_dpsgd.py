@@ -232,3 +232,17 @@ def test_dp_noise_is_seeded_from_at_least_128_bits_of_os_entropy() -> None:
     seeds = [GaussianNoise().rng.bit_generator.seed_seq.entropy for _ in range(4)]
     assert len(set(seeds)) == 4
     assert max(s.bit_length() for s in seeds) > 128  # each is uniform on 256 bits: fails with chance 2^-(4·128)
+
+
+def test_poisson_sampling_draws_from_the_dp_noise_source() -> None:
+    """Who is in a batch is as secret as the noise: with secure_rng the secure source samples it too."""
+
+    class Recording(GaussianNoise):
+        drawn = 0
+
+        def uniform(self, n):
+            Recording.drawn += n
+            return super().uniform(n)
+
+    batches = list(poisson_batches(50, 0.5, 3, Recording(seed=0)))
+    assert len(batches) == 3 and Recording.drawn == 150

@@ -8,7 +8,7 @@ exactly as `privimage finetune` does, with its own ledger and a sampling rate fi
 not depend on how many canaries joined). The sensitive data is never read: an audit spends nothing. A canary's score is how much
 its diffusion loss changes when its label's embedding row is reset to its initial weights (both
 losses on the same fixed noise draws): only a member has taught its label anything. The one-run
-audit (privacy/audit.py) turns the guesses into a lower bound on ε, which must stay below the ε the
+audit (privacy/audit_bound.py) turns the guesses into a lower bound on ε, which must stay below the ε the
 ledger claims. The audit can prove at most `epsilon_lower_bound_max` (every guess right); a claim above
 it is inconclusive, whatever the training does. With the DP noise
 switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
@@ -33,7 +33,7 @@ from privimage.stages.finetune import finetune, plan_finetune
 from privimage.stages.pretrain import build_denoiser
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.errors import UserError
-from privimage.privacy.audit import correct_guesses, epsilon_lower_bound
+from privimage.privacy.audit_bound import correct_guesses, epsilon_lower_bound
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.atomic import write_json, write_text
 from privimage.rundir import RunDir

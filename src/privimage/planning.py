@@ -14,6 +14,7 @@ keeps its proportions and grows or shrinks with the machine.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -31,7 +32,7 @@ from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
 
-SAFETY = 0.85  # plan the trainable stages to end with 15 % of their time to spare
+SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare (the probe is off by ~10 %)
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 
@@ -52,15 +53,15 @@ class Plan:
         return {"pretrain": {"steps": self.pretrain_steps}, "finetune": {"steps": self.finetune_steps, "epochs": None}}
 
 
-def _seconds(fn: Callable[[], object], repeats: int = 2) -> float:
-    """Fastest of `repeats` timed calls after one warm-up call."""
+def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """Median of `repeats` timed calls after one warm-up call (a loop runs at its typical speed, not its best)."""
     fn()
-    best = math.inf
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, float]:
@@ -133,8 +134,9 @@ def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.d
 
 
 def evaluations_per_classifier(cfg: DictConfig) -> int:
-    """How many times the evaluate stage trains each downstream classifier."""
-    return 1
+    """How many times the evaluate stage trains each downstream classifier (stages/evaluate.py)."""
+    e = cfg.evaluate
+    return 1 + int(e.augment > 0) + int(bool(e.reference))
 
 
 def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
@@ -154,7 +156,7 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
     sample_rate, dp_steps = finetune_schedule(cfg, num_samples)
     dp_step = sample_rate * num_samples * throughput["dp_sample"]
     configured = pretrain_steps * throughput["pretrain_step"] + dp_steps * dp_step
-    trainable = SAFETY * (seconds_left - sum(expected.values()))
+    trainable = SAFETY * seconds_left - sum(expected.values())
     factor = trainable / configured
     planned_pretrain = math.floor(factor * pretrain_steps)
     planned_finetune = math.floor(factor * dp_steps)
