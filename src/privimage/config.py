@@ -17,11 +17,11 @@ from typing import Any, Mapping, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from privimage.diffusion.adapters import TRAINABLE
 from privimage.errors import UserError
 from privimage.methods import METHODS
 
 PRESETS = ("quick", "default", "paper")
-TRAINABLE = ("all", "norms_biases", "lora")  # finetune.trainable, see diffusion/adapters.py
 
 
 def _preset_yaml(name: str) -> DictConfig:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from privimage.config import TRAINABLE
+TRAINABLE = ("all", "norms_biases", "lora")  # the values of finetune.trainable
 
 
 class LoRA(nn.Module):
