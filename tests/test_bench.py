@@ -50,3 +50,12 @@ def test_bench_runs_every_method_at_equal_compute(tmp_path, cache_dir):
     assert all(ledger["spent"]["epsilon"] <= 5 for ledger in ledgers)
     public_used = [line.split(" | ")[-7] for line in lines[2:4]]
     assert public_used[0] == "2,480" and public_used[1] == "0"  # quick's public set: 62 glyphs x 40
+
+
+def test_a_bad_input_leaves_no_benchmark_folder(tmp_path, cache_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "privimage", "bench", "--preset", "quick", "--out", "b", "--methods", "pdp,dpdm",
+         "data.sensitive=/nonexistent/images"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert not (tmp_path / "b").exists()  # not even the shared split key

@@ -81,13 +81,13 @@ class PrivImage:
         self._use(load_config(preset, config, keys, saved=out / "config.yaml"), out)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, out: str | os.PathLike) -> "PrivImage":
+    def from_config(cls, cfg: DictConfig, out: str | os.PathLike, split_key: bytes | None = None) -> "PrivImage":
         """A model for a config resolved elsewhere (`privimage.config.load_config`, the CLI).
 
             >>> PrivImage.from_config(load_config("quick", overrides=["sample.n=50"]), "runs/q")  # doctest: +SKIP
         """
         model = cls.__new__(cls)
-        model._use(cfg, Path(out))
+        model._use(cfg, Path(out), split_key=split_key)
         return model
 
     @classmethod
@@ -102,9 +102,10 @@ class PrivImage:
         keys = {name.replace("__", "."): value for name, value in overrides.items()}
         return cls.from_config(load_config(overrides=keys, saved=out / "config.yaml"), out)
 
-    def _use(self, cfg: DictConfig, out: Path, pending: dict[str, Labelled] | None = None) -> None:
+    def _use(self, cfg: DictConfig, out: Path, pending: dict[str, Labelled] | None = None,
+             split_key: bytes | None = None) -> None:
         self.cfg, self.out = cfg, out
-        self.pipeline = Pipeline(cfg, out)  # touches nothing on disk until a stage runs
+        self.pipeline = Pipeline(cfg, out, split_key)  # touches nothing on disk until a stage runs
         self._pending = pending or {}  # in-memory data for data.<key>, written into private/ by the first run
         self._validated = False
         self._net: torch.nn.Module | None = None

@@ -52,18 +52,19 @@ def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[fl
     return configs
 
 
-def share_split_key(out: Path, names: Sequence[str]) -> None:
-    """Give every run of a benchmark the same train/test split, so that methods differ only in method.
+def bench_split_key(out: Path) -> bytes:
+    """The benchmark's train/test split key, shared by all its runs so that they differ only in method.
 
-    The key is made once for the benchmark folder and copied into each run directory that has none.
+    Read from DIR/private/split.key, or new (write it with `write_bench_split_key` once the runs validate).
     """
-    key = Path(out) / "private" / "split.key"
-    if not key.exists():
-        write_bytes(key, secrets.token_bytes(32), private=True)
-    for name in names:
-        run = RunDir(Path(out) / name)
-        if not run.split_key.exists() and not run.holds_results():
-            write_bytes(run.split_key, key.read_bytes(), private=True)
+    path = Path(out) / "private" / "split.key"
+    return path.read_bytes() if path.exists() else secrets.token_bytes(32)
+
+
+def write_bench_split_key(out: Path, key: bytes) -> None:
+    path = Path(out) / "private" / "split.key"
+    if not path.exists():
+        write_bytes(path, key, private=True)
 
 
 def parameter_count(model_file: Path) -> int:

@@ -25,16 +25,16 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, Tensor], meta
         save_file(contiguous, tmp, metadata=header)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict]:
-    """Read a checkpoint back as (tensors on the CPU, metadata)."""
+def load_checkpoint(path: str | os.PathLike, tensors: bool = True) -> tuple[dict[str, Tensor], dict]:
+    """Read a checkpoint back as (tensors on the CPU, metadata); `tensors=False` reads the header alone."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist: rerun the stage that writes it")
     try:
         with safe_open(path, framework="pt", device="cpu") as reader:
-            tensors = {name: reader.get_tensor(name) for name in reader.keys()}
+            loaded = {name: reader.get_tensor(name) for name in reader.keys()} if tensors else {}
             metadata = json.loads((reader.metadata() or {})[METADATA_KEY])
     except (SafetensorError, OSError, KeyError, ValueError) as error:
         raise UserError(f"checkpoint {path} is corrupt or truncated ({error}): the run cannot continue from it; "
                         "use a new --out") from error
-    return tensors, metadata
+    return loaded, metadata

@@ -96,12 +96,13 @@ def bench(
 ) -> None:
     """Every method at every ε at equal compute; writes bench.md (table) and bench.png (FID, accuracy vs ε)."""
     from privimage.api import PrivImage
-    from privimage.bench import bench_configs, bench_row, parse_list, share_split_key, write_bench
+    from privimage.bench import bench_configs, bench_row, bench_split_key, parse_list, write_bench, write_bench_split_key
 
     cfg = load_config(preset, config, overrides or ())
     configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float))
-    share_split_key(out, list(configs))
-    models = {name: PrivImage.from_config(run_cfg, out / name).validate() for name, run_cfg in configs.items()}
+    key = bench_split_key(out)
+    models = {name: PrivImage.from_config(run_cfg, out / name, key).validate() for name, run_cfg in configs.items()}
+    write_bench_split_key(out, key)  # only once every run validated: a bad input leaves nothing behind
     rows = []
     for name, model in models.items():
         console.print(f"[bold]{name}[/]")

@@ -55,8 +55,11 @@ class StageResult:
 class Pipeline:
     """A run directory plus the data and ledger its stages share."""
 
-    def __init__(self, cfg: DictConfig, out: Path):
+    def __init__(self, cfg: DictConfig, out: Path, split_key: bytes | None = None):
+        """`split_key` is the split key for a new run directory (runs that must share a split); an
+        existing directory keeps its own."""
         self.cfg = cfg
+        self._new_split_key = split_key
         self.run = RunDir(out)
         self.device = resolve_device(cfg.device)
         self.cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
@@ -180,7 +183,7 @@ class Pipeline:
             raise UserError(f"{self.run.split_key} is missing but {self.run.root} holds results: without it the "
                             "train/test split cannot be rebuilt; use a new --out")
         else:
-            key = secrets.token_bytes(SPLIT_KEY_BYTES)
+            key = self._new_split_key or secrets.token_bytes(SPLIT_KEY_BYTES)
         return distributed.broadcast(key)
 
     # -- data ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
 
-SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare (the probe is off by ~10 %)
+SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the probe is not exact
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 

@@ -86,7 +86,7 @@ class Checkpointer:
 
 
 def _saved_step(path: Path) -> int:
-    return int(load_checkpoint(path)[1]["step"])
+    return int(load_checkpoint(path, tensors=False)[1]["step"])
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

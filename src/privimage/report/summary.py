@@ -27,13 +27,8 @@ def print_summary(run: RunDir, results: list, console: Console) -> None:
         table.add_row(stage, f"{epsilon:.3f}")
     console.print(table)
     console.print(f"δ = {ledger['target']['delta']:g}; accountant: {ledger['accountant']}")
-    if run.metrics.exists():
-        metrics = read_json(run.metrics)
-        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        shown |= {f"accuracy[{k}]": v for k, v in metrics.get("accuracy", {}).items()}
-        shown |= {f"accuracy_augmented[{k}]": v for k, v in metrics.get("accuracy_augmented", {}).items()}
-        console.print("metrics (private to the data owner: measured on the sensitive data, outside the guarantee): "
-                      + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()), markup=False)
+    if run.metrics.exists():  # its figures are statistics of the sensitive data: never printed
+        console.print(f"metrics (private to the data owner, outside the guarantee): {run.metrics}", markup=False)
     console.print(f"synthetic data: {run.synthetic} (PNG folders in {run.synthetic_images}/)")
     if run.report.exists():
         console.print(f"report (private to the data owner): {run.report}")

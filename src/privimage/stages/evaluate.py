@@ -56,16 +56,17 @@ def run_evaluation(
     synthetic = load_synthetic(run)
     metrics: dict = {"samples": len(synthetic)}
 
-    def accuracy(train_set: LabelledImages, augment: float = 0.0) -> dict[str, float]:
+    def accuracy(train_set: LabelledImages, augment: float = 0.0, progress: bool = True) -> dict[str, float]:
         return downstream_accuracy(train_set, test.images, test.labels, classifiers=tuple(e.classifiers),
-                                   epochs=e.classifier_epochs, augment=augment, seed=cfg.seed, device=str(device))
+                                   epochs=e.classifier_epochs, augment=augment, seed=cfg.seed, device=str(device),
+                                   progress=progress)
 
     metrics["accuracy"] = accuracy(synthetic)
     if e.augment > 0:
         metrics["accuracy_augmented"] = accuracy(synthetic, augment=e.augment)
     if e.reference:
         subset = seeded_subset(train, len(synthetic), cfg.seed)
-        write_json(run.private / REFERENCE_FILE, {"train_images": len(subset), "accuracy": accuracy(subset)},
+        write_json(run.private / REFERENCE_FILE, {"train_images": len(subset), "accuracy": accuracy(subset, progress=False)},
                    private=True)
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
