@@ -31,8 +31,8 @@ from PIL import Image
 from privimage.config import load_config
 from privimage.data.geometry import square_resize
 from privimage.data.user import convert_image
-from privimage.stages.pretrain import MODEL_FILE, load_denoiser
-from privimage.stages.sample import generate, safe_folder_name
+from privimage.methods import STAGE_TABLE
+from privimage.stages.sample import safe_folder_name
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
 from privimage.privacy.accountant import compose_epsilon
@@ -108,7 +108,7 @@ class PrivImage:
         self.pipeline = Pipeline(cfg, out, split_key)  # touches nothing on disk until a stage runs
         self._pending = pending or {}  # in-memory data for data.<key>, written into private/ by the first run
         self._validated = False
-        self._net: torch.nn.Module | None = None
+        self._draw: Callable | None = None  # the fitted model's sampler, loaded once
 
     def __repr__(self) -> str:
         return f"PrivImage(out={str(self.out)!r}, method={self.cfg.method}, epsilon={self.cfg.privacy.epsilon:g})"
@@ -204,7 +204,7 @@ class PrivImage:
             data["sensitive_test"] = _labelled(*_test_parts(test, names), d.resolution, d.channels)
         self._with_data(data)
         stages = self.pipeline.stages()
-        self.run(stages[: stages.index("finetune") + 1])
+        self.run(stages[: stages.index(self.pipeline.method.model_stage) + 1])
         return self
 
     def _with_data(self, data: dict[str, str | Labelled]) -> None:
@@ -273,8 +273,7 @@ class PrivImage:
             generator.seed()  # a fresh draw each call
         else:
             generator.manual_seed(seed)
-        net = self._denoiser()
-        return generate(net, names, torch.as_tensor(wanted), self.cfg, device, generator).images, wanted.astype(np.int64)
+        return self._sampler()(torch.as_tensor(wanted), generator), wanted.astype(np.int64)
 
     def sample_to_folder(self, path: str | os.PathLike, n: int, *, seed: int | None = None) -> Path:
         """Write `n` synthetic images as PNGs, one subfolder per class, into a new or empty folder.
@@ -312,15 +311,15 @@ class PrivImage:
         return self.pipeline.run.report
 
     def _require_fitted(self) -> None:
-        if not self.pipeline.is_done("finetune"):
+        if not self.pipeline.is_done(self.pipeline.method.model_stage):
             raise UserError(f"{self.out} holds no fine-tuned model for this config: call fit(...) first, "
                             "or PrivImage.load(out) a fitted run")
 
-    def _denoiser(self) -> torch.nn.Module:
-        if self._net is None:
-            path = self.pipeline.run.finetune_dir / MODEL_FILE
-            self._net = load_denoiser(self.cfg, len(self.class_names), path, self.pipeline.device)
-        return self._net
+    def _sampler(self) -> Callable:
+        if self._draw is None:
+            stage = STAGE_TABLE[self.pipeline.method.model_stage]
+            self._draw = stage.module.sampler(self.cfg, self.pipeline.run, self.class_names, self.pipeline.device)
+        return self._draw
 
 
 def _log_stage(result: StageResult) -> None:

@@ -74,6 +74,7 @@ def run(
 _stage_command("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.")
 _stage_command("pretrain", "Pretrain the diffusion model on the selected public images (non-private).")
 _stage_command("finetune", "Fine-tune the pretrained model with DP-SGD on the sensitive training split.")
+_stage_command("dpmerf", "method=dpmerf: one noisy release of mean embeddings, a generator fitted to it, its samples.")
 _stage_command("evaluate", "FID, downstream accuracy, precision/recall and memorization of the synthetic set.")
 _stage_command("report", "Write report.html: config, privacy ledger, semantics, samples, metrics.")
 
@@ -92,14 +93,16 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark directory: one run directory per method and ε.")] = Path("runs/bench"),
     preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
     epsilons: Annotated[str, typer.Option(help="Comma-separated target ε values.")] = "1,10",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm.")] = "privimage,pdp,dpdm",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm, dpmerf.")] = "privimage,pdp,dpdm,dpmerf",
+    minutes: Annotated[str, typer.Option(help="Comma-separated time budgets in minutes, one run per method, ε and budget.")] = "5,15",
 ) -> None:
-    """Every method at every ε at equal compute; writes bench.md (table) and bench.png (FID, accuracy vs ε)."""
+    """Every method at every ε and time budget; writes bench.md (table) and bench.png (accuracy vs budget)."""
     from privimage.api import PrivImage
     from privimage.bench import bench_configs, bench_row, bench_split_key, parse_list, write_bench, write_bench_split_key
 
     cfg = load_config(preset, config, overrides or ())
-    configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float))
+    configs = bench_configs(cfg, parse_list(methods, "methods", str), parse_list(epsilons, "epsilons", float),
+                            parse_list(minutes, "minutes", float))
     key = bench_split_key(out)
     models = {name: PrivImage.from_config(run_cfg, out / name, key).validate() for name, run_cfg in configs.items()}
     write_bench_split_key(out, key)  # only once every run validated: a bad input leaves nothing behind

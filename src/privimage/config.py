@@ -151,7 +151,7 @@ def validate(cfg: DictConfig) -> None:
            f"semantics.per_class must be null or an integer >= 1 (got {s.per_class})")
     _check(s.classifier.arch in ("cnn", "resnet"),
            f"semantics.classifier.arch must be cnn or resnet (got {s.classifier.arch})")
-    f = cfg.finetune
+    f = method.configure(cfg).finetune  # dpdm's own section, where it has one
     _check(_is_number(f.clip_norm) and f.clip_norm > 0, f"finetune.clip_norm must be > 0 (got {f.clip_norm})")
     _check(isinstance(f.noise_multiplicity, int) and f.noise_multiplicity >= 1,
            f"finetune.noise_multiplicity must be an integer >= 1 (got {f.noise_multiplicity})")
@@ -184,6 +184,14 @@ def validate(cfg: DictConfig) -> None:
            f"(got {cfg.data.resolution}): use fewer levels or another resolution")
     _check(isinstance(m.base_channels, int) and m.base_channels >= 2 and m.base_channels % 2 == 0,
            f"model.base_channels must be an even integer such as 32 (got {m.base_channels})")
+    r = cfg.dpmerf
+    for key in ("features", "steps", "per_class", "code_dim", "width"):
+        _check(isinstance(r[key], int) and r[key] >= 1, f"dpmerf.{key} must be a positive integer (got {r[key]})")
+    for key in ("length_scale", "lr"):
+        _check(_is_number(r[key]) and r[key] > 0, f"dpmerf.{key} must be a number > 0 (got {r[key]})")
+    if "dpmerf" in method.stages:
+        _check(cfg.data.resolution % 4 == 0, f"method=dpmerf's generator upsamples twice: data.resolution must be a "
+                                             f"multiple of 4 (got {cfg.data.resolution})")
     e = cfg.evaluate
     _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
            f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")

@@ -1,7 +1,9 @@
 """The tables of stages and methods: which stages each method runs, what it pretrains on, what it books.
 
 A new method is one entry in METHODS, plus an entry in STAGES and a module in privimage/stages/ where
-it needs a stage of its own; no other module compares method or stage names.
+it needs a stage of its own; no other module compares method or stage names. A stage that spends
+privacy has `mechanism(cfg, num_samples, earlier)` in its module: what it will book, given what the
+stages before it book.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
+from omegaconf import DictConfig, OmegaConf
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     # Config sections the stage reads, beyond its upstream stages: they decide when it is stale.
     config_keys: tuple[str, ...]
+    spends_privacy: bool = False
 
     @property
     def module(self) -> ModuleType:
@@ -25,9 +30,10 @@ class Stage:
 
 # In the order they run.
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("semantics", ("data", "semantics", "seed", "method")),
+    Stage("semantics", ("data", "semantics", "seed", "method"), spends_privacy=True),
     Stage("pretrain", ("model", "pretrain")),
-    Stage("finetune", ("finetune", "privacy")),
+    Stage("finetune", ("finetune", "privacy"), spends_privacy=True),
+    Stage("dpmerf", ("dpmerf", "privacy", "sample", "seed"), spends_privacy=True),
     Stage("sample", ("sample",)),
     Stage("evaluate", ("evaluate",)),
     Stage("report", ()),
@@ -40,9 +46,19 @@ class Method:
     name: str
     stages: tuple[str, ...]
     # What pretraining sees: "selected" (the public classes the DP query picked, relabelled), "public"
-    # (the whole public set, unconditional) or None (no pretraining).
+    # (the whole public set with its own labels; the sensitive classes then fine-tune on seeded random
+    # public label rows) or None (no pretraining).
     pretraining_data: str | None
     description: str
+    # A config section whose keys replace those of `finetune` for this method (DP-SGD from scratch
+    # wants other settings than fine-tuning a pretrained model).
+    finetune_section: str | None = None
+
+    def configure(self, cfg: DictConfig) -> DictConfig:
+        """`cfg` with the method's own fine-tuning settings in `finetune`."""
+        if self.finetune_section is None:
+            return cfg
+        return OmegaConf.merge(cfg, {"finetune": cfg[self.finetune_section]})
 
     @property
     def queries_semantics(self) -> bool:
@@ -53,12 +69,24 @@ class Method:
     def uses_public_data(self) -> bool:
         return self.pretraining_data is not None
 
+    @property
+    def model_stage(self) -> str:
+        """The stage that makes the model synthetic images are drawn from (its module has `sampler`):
+        the last one that spends privacy, so a fitted model has spent the whole budget."""
+        return [s for s in self.stages if STAGE_TABLE[s].spends_privacy][-1]
+
+
+def _stages(*names: str) -> tuple[str, ...]:
+    return tuple(s for s in STAGES if s in names)
+
 
 METHODS: dict[str, Method] = {
-    "privimage": Method("privimage", STAGES, "selected",
-                        "semantic query, pretraining on the selected public semantics, DP-SGD fine-tuning"),
-    "pdp": Method("pdp", tuple(s for s in STAGES if s != "semantics"), "public",
-                  "PDP-Diffusion: pretraining on the whole public set, DP-SGD fine-tuning"),
-    "dpdm": Method("dpdm", tuple(s for s in STAGES if s not in ("semantics", "pretrain")), None,
-                   "DPDM: DP-SGD from scratch, no public data"),
+    "privimage": Method("privimage", _stages("semantics", "pretrain", "finetune", "sample", "evaluate", "report"),
+                        "selected", "semantic query, pretraining on the selected public semantics, DP-SGD fine-tuning"),
+    "pdp": Method("pdp", _stages("pretrain", "finetune", "sample", "evaluate", "report"), "public",
+                  "PDP-Diffusion: conditional pretraining on the whole public set, DP-SGD fine-tuning"),
+    "dpdm": Method("dpdm", _stages("finetune", "sample", "evaluate", "report"), None,
+                   "DPDM: DP-SGD from scratch, no public data", finetune_section="dpdm"),
+    "dpmerf": Method("dpmerf", _stages("dpmerf", "evaluate", "report"), None,
+                     "DP-MERF: one noisy release of random-feature mean embeddings, a generator fitted to it"),
 }

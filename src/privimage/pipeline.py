@@ -35,8 +35,8 @@ from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
-from privimage.stages.finetune import plan_finetune
-from privimage.stages.semantics import query_mechanism, semantic_classifier_is_cached
+from privimage.stages.pretrain import label_rows
+from privimage.stages.semantics import semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Pipeline:
     def __init__(self, cfg: DictConfig, out: Path, split_key: bytes | None = None):
         """`split_key` is the split key for a new run directory (runs that must share a split); an
         existing directory keeps its own."""
-        self.cfg = cfg
+        self.cfg = METHODS[cfg.method].configure(cfg)
         self._new_split_key = split_key
         self.run = RunDir(out)
         self.device = resolve_device(cfg.device)
@@ -80,8 +80,10 @@ class Pipeline:
             self.public  # noqa: B018
         if self.method.queries_semantics:
             self._check_selection_fits()
-        if self.cfg.minutes is not None:
-            self._apply_plan()
+        if self.method.pretraining_data == "public":
+            label_rows(self.public.num_classes, self.sensitive_train.num_classes, self.cfg.seed)  # refuses too few
+        if self.cfg.minutes is not None and "finetune" in self.stages():
+            self._apply_plan()  # dpmerf's generator runs its configured steps: a few minutes at most
         self.planned_mechanisms()  # refuses a budget too small to train
         return self
 
@@ -209,9 +211,13 @@ class Pipeline:
 
     # -- privacy plan ---------------------------------------------------------------------------
     def planned_mechanisms(self) -> list[Mechanism]:
-        """Every mechanism the run will apply, DP-SGD's σ calibrated so the composition meets the target."""
-        fixed = [query_mechanism(self.cfg)] if self.method.queries_semantics else []
-        return fixed + [plan_finetune(self.cfg, len(self.sensitive_train), fixed)]
+        """Every mechanism the run will apply, in stage order; the last one's σ is calibrated so that the
+        composition meets the target."""
+        mechanisms: list[Mechanism] = []
+        for stage in self.stages():
+            if STAGE_TABLE[stage].spends_privacy:
+                mechanisms.append(STAGE_TABLE[stage].module.mechanism(self.cfg, len(self.sensitive_train), mechanisms))
+        return mechanisms
 
     # -- stages ----------------------------------------------------------------------------------
     def stages(self) -> tuple[str, ...]:

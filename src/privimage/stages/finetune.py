@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -31,7 +31,8 @@ from privimage.privacy.dpsgd import DPSGD, poisson_batches
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
-from privimage.stages.pretrain import MODEL_FILE, build_denoiser, diffusion_loss
+from privimage.stages.pretrain import MODEL_FILE, build_denoiser, diffusion_loss, load_denoiser
+from privimage.stages.sample import generate
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -61,6 +62,9 @@ def plan_finetune(cfg: DictConfig, num_samples: float, fixed: list[Mechanism]) -
     except NoiseBeyondLimit as error:
         raise UserError(f"{error}: raise privacy.epsilon or lower finetune.steps") from None
     return Mechanism(sigma, sample_rate, steps)
+
+
+mechanism = plan_finetune  # what the stage books (methods.py)
 
 
 def finetune(
@@ -159,6 +163,16 @@ def _release_pending(pending: list[tuple[int, float]], writer: SummaryWriter | N
         writer.add_scalar("finetune/epsilon", spent, last, walltime=0.0)
         writer.flush()
     bar.set_postfix(dp_loss=f"{pending[-1][1]:.4f}", eps=f"{spent:.3f}")
+
+
+def model_file(run: RunDir) -> Path:
+    return run.finetune_dir / MODEL_FILE
+
+
+def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> Callable:
+    """(labels, torch.Generator) → uint8 images from the fine-tuned model (methods.Method.model_stage)."""
+    net = load_denoiser(cfg, len(class_names), model_file(run), device)
+    return lambda labels, generator: generate(net, class_names, labels, cfg, device, generator).images
 
 
 def run(pipeline: Pipeline) -> None:

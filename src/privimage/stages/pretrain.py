@@ -1,10 +1,13 @@
 """Stage 3: non-private pretraining of the conditional EDM denoiser on public images.
 
 privimage pretrains on the public images of the semantics the DP query selected, relabelled to the
-sensitive class that chose them; pdp on the whole public set, unconditionally (methods.py). The
-loop is resumable (diffusion/training.py); the finished stage writes `pretrain/model.safetensors`
-(the EMA weights), which `load_denoiser` reads. Pretraining sees public data only, so a model
-pretrained on the same images with the same settings is reused from the cache.
+sensitive class that chose them. pdp pretrains on the whole public set with its own labels, as
+DPImageBench does, and each sensitive class then takes over the label row of a public class drawn
+at random (seeded, `label_rows`): DPImageBench hands class c row c, which on a public set whose first
+classes are the digits would give pdp the digit semantics by accident. The loop is resumable
+(diffusion/training.py); the finished stage writes `pretrain/model.safetensors` (the EMA weights,
+with the sensitive classes' label rows), which `load_denoiser` reads. Pretraining sees public data
+only, so a model pretrained on the same images with the same settings is reused from the cache.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.training import Checkpointer, progress, scalars
 from privimage.diffusion.unet import UNet
+from privimage.errors import UserError
 from privimage.rundir import RunDir
 from privimage.runtime import seeded
 from privimage.stages.semantics import pretraining_set
@@ -39,6 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+LABEL_EMBEDDING = "unet.class_embed.weight"  # one row per class, the null class last
 
 
 def build_denoiser(cfg: DictConfig, num_classes: int) -> EDMPrecond:
@@ -68,15 +73,15 @@ def diffusion_loss(cfg: DictConfig, num_classes: int) -> Callable:
     return loss
 
 
-def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int, device: torch.device) -> None:
-    """Non-private EDM training on public images; `data.labels == num_classes` means unconditional.
+def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path) -> None:
+    """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     On CUDA the forward pass runs under bf16 autocast (weights, optimizer and EMA stay float32); DP
     fine-tuning autocasts only with `finetune.bf16`, and its per-sample norms and clipping stay float32.
     """
     p = cfg.pretrain
-    folder = run.pretrain_dir
+    folder, num_classes = run.pretrain_dir, data.num_classes
     with seeded(cfg.seed):  # the same initial weights on every rank
         net = build_denoiser(cfg, num_classes).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=p.lr)
@@ -109,18 +114,33 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, num_classes: int,
             if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.steps:
                 checkpoint.save(step + 1)
     if distributed.is_main():
-        save_checkpoint(folder / MODEL_FILE, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+        save_checkpoint(target, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
     distributed.barrier()
 
 
+def label_rows(num_public: int, num_sensitive: int, seed: int) -> np.ndarray:
+    """pdp: the public class whose label row each sensitive class fine-tunes on, drawn without
+    replacement from a generator seeded with `seed` (public: it reads no data)."""
+    if num_sensitive > num_public:
+        raise UserError(f"method=pdp maps each of the {num_sensitive} sensitive classes to a public class, but the "
+                        f"public set has {num_public}: use a public set with more classes, or method=privimage")
+    return np.random.default_rng(seed).permutation(num_public)[:num_sensitive]
+
+
+def with_label_rows(tensors: dict[str, torch.Tensor], rows: np.ndarray) -> dict[str, torch.Tensor]:
+    """A model conditioned on the public classes, answering to the sensitive classes: class i reads
+    public row rows[i]; the null class keeps the null row. Nothing else changes."""
+    embedding = tensors[LABEL_EMBEDDING]
+    keep = torch.as_tensor([*rows.tolist(), len(embedding) - 1])
+    return {**tensors, LABEL_EMBEDDING: embedding[keep].clone()}
+
+
 def pretraining_data(pipeline: Pipeline) -> ImageDataset:
-    """The selected public semantics, relabelled; or all public data, unconditional (methods.py)."""
-    names = pipeline.sensitive_train.class_names
-    public = pipeline.public
+    """The selected public semantics relabelled to the sensitive classes, or the public set (methods.py)."""
     if pipeline.method.pretraining_data == "selected":
-        return pretraining_set(public, read_json(pipeline.run.semantics)["selected"], names)
-    null_labels = np.full(len(public), len(names), dtype=np.int64)  # the label-dropout class
-    return ImageDataset(public.images, null_labels, (*names, "<unconditional>"), name=public.name)
+        names = pipeline.sensitive_train.class_names
+        return pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
+    return pipeline.public
 
 
 def run(pipeline: Pipeline) -> None:
@@ -130,24 +150,31 @@ def run(pipeline: Pipeline) -> None:
     may be shared across runs: runs at several ε (`privimage bench`) pretrain once.
     """
     cfg, run_dir = pipeline.cfg, pipeline.run
-    data, num_classes = pretraining_data(pipeline), pipeline.sensitive_train.num_classes
-    key = fingerprint(data.fingerprint(), cfg.model, cfg.pretrain, cfg.seed, num_classes,
+    data, names = pretraining_data(pipeline), pipeline.sensitive_train.class_names
+    public_labels = pipeline.method.pretraining_data == "public"
+    rows = label_rows(data.num_classes, len(names), cfg.seed) if public_labels else None
+    key = fingerprint(data.fingerprint(), cfg.model, cfg.pretrain, cfg.seed, data.num_classes,
                       cfg.data.resolution, cfg.data.channels)
     cached = pipeline.cache_dir / "pretrained" / f"{key}.safetensors"
-    model = run_dir.pretrain_dir / MODEL_FILE
+    trained = run_dir.pretrain_dir / ("public-labels.safetensors" if rows is not None else MODEL_FILE)
     if distributed.broadcast(cached.is_file()):
         if distributed.is_main():
             logger.info("pretrain: reusing %s (same public images and settings)", cached)
-            _copy(cached, model)
-        distributed.barrier()
+            _copy(cached, trained)
         pipeline.note("pretrain", reused_cached_model=True)
-        return
-    pretrain(cfg, run_dir, data, num_classes, pipeline.device)
-    if distributed.is_main():
-        try:
-            _copy(model, cached)
-        except OSError as error:
-            logger.warning("could not cache the pretrained model in %s (%s)", cached.parent, error)
+    else:
+        pretrain(cfg, run_dir, data, pipeline.device, trained)
+        if distributed.is_main():
+            try:
+                _copy(trained, cached)
+            except OSError as error:
+                logger.warning("could not cache the pretrained model in %s (%s)", cached.parent, error)
+    if rows is not None:
+        if distributed.is_main():
+            tensors, meta = load_checkpoint(trained)
+            save_checkpoint(run_dir.pretrain_dir / MODEL_FILE, with_label_rows(tensors, rows), meta)
+        pipeline.note("pretrain", label_rows={name: data.class_names[row] for name, row in zip(names, rows)})
+    distributed.barrier()
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -6,6 +6,7 @@ the pretraining stage.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,9 +35,12 @@ if TYPE_CHECKING:
 PRIVATE_SEMANTICS_FILE = "semantics.json"  # under private/: statistics of the sensitive test split
 
 
-def query_mechanism(cfg: DictConfig) -> Mechanism:
-    """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set."""
+def query_mechanism(cfg: DictConfig, num_samples: int = 0, earlier: Sequence[Mechanism] = ()) -> Mechanism:
+    """The semantic query as the accountant sees it: one Gaussian mechanism on the whole set, its σ fixed."""
     return Mechanism(float(cfg.semantics.query_sigma))
+
+
+mechanism = query_mechanism  # what the stage books (methods.py)
 
 
 def build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:

@@ -1,0 +1,114 @@
+"""DP-MERF (Harder et al., AISTATS 2021): one noisy release of class-conditional mean embeddings.
+
+Each sensitive image x of class y contributes the unit vector v = [φ(x), 1] / √2 to row y of a
+C × (2F + 1) matrix, where φ is F random Fourier features of a Gaussian kernel (‖φ(x)‖ = 1). Adding
+or removing one image moves the sum by a vector of norm 1, so the sum plus N(0, σ²) on every entry is
+a Gaussian mechanism with noise multiplier σ: the only access to sensitive data. The last column
+holds the (noisy) class sizes, so that the release also gives each class's mean embedding.
+
+A generator is then trained to match those noisy means (an MMD with the random-feature kernel),
+which is post-processing: it costs no further privacy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from privimage.privacy.noise import NoiseSource
+
+SIZE_WEIGHT = 1 / math.sqrt(2)  # of the constant feature; φ gets the same weight, so ‖v‖ = 1
+
+
+class RandomFeatures:
+    """φ(x) = [cos(xW), sin(xW)] / √F with W ~ N(0, 1/ℓ²): E φ(x)·φ(x') = exp(-‖x - x'‖² / 2ℓ²)."""
+
+    def __init__(self, dim: int, features: int, length_scale: float, generator: torch.Generator):
+        self.weights = torch.randn(dim, features, generator=generator) / length_scale
+        self.features = features
+
+    def __call__(self, x: Tensor) -> Tensor:
+        projection = x.flatten(1) @ self.weights.to(x.device)
+        return torch.cat([projection.cos(), projection.sin()], dim=1) / math.sqrt(self.features)
+
+
+def embedding_sum(features: RandomFeatures, batches: Iterator[tuple[Tensor, Tensor]], num_classes: int) -> Tensor:
+    """Σ_i v_i in row y_i: the exact, private statistic; callers pass it only to `release`."""
+    total = torch.zeros(num_classes, 2 * features.features + 1, dtype=torch.float64)
+    for x, y in batches:
+        v = torch.cat([features(x) * SIZE_WEIGHT, torch.full((len(x), 1), SIZE_WEIGHT)], dim=1)
+        total.index_add_(0, y.cpu(), v.double().cpu())
+    return total
+
+
+def release(total: Tensor, noise_multiplier: float, noise: NoiseSource) -> Tensor:
+    """The Gaussian mechanism (L2 sensitivity 1): N(0, σ²) on every entry."""
+    return total + torch.from_numpy(noise.gaussian_array(tuple(total.shape), noise_multiplier))
+
+
+def class_means(noisy_total: Tensor) -> Tensor:
+    """Each class's mean feature vector from the noisy release (post-processing).
+
+    A noisy class size below one image is read as one: the mean then is merely noisier.
+    """
+    sizes = (noisy_total[:, -1:] / SIZE_WEIGHT).clamp(min=1.0)
+    return (noisy_total[:, :-1] / SIZE_WEIGHT / sizes).float()
+
+
+class Generator(nn.Module):
+    """A small class-conditional convolutional generator: (code, label) → image in [-1, 1]."""
+
+    def __init__(self, num_classes: int, channels: int, resolution: int, *, code_dim: int = 32, width: int = 64):
+        super().__init__()
+        if resolution % 4:
+            raise ValueError(f"the generator upsamples twice: resolution must be a multiple of 4, got {resolution}")
+        self.code_dim, self.base = code_dim, resolution // 4
+        self.label_embedding = nn.Embedding(num_classes, code_dim)
+        self.project = nn.Sequential(nn.Linear(2 * code_dim, 2 * width * self.base ** 2),
+                                     nn.BatchNorm1d(2 * width * self.base ** 2), nn.ReLU())
+        self.decode = nn.Sequential(
+            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, channels, 3, padding=1), nn.Tanh(),
+        )
+
+    def forward(self, code: Tensor, labels: Tensor) -> Tensor:
+        h = self.project(torch.cat([code, self.label_embedding(labels)], dim=1))
+        return self.decode(h.view(len(code), -1, self.base, self.base))
+
+    def sample(self, labels: Tensor, generator: torch.Generator) -> Tensor:
+        code = torch.randn(len(labels), self.code_dim, generator=generator, device=generator.device).to(labels.device)
+        return self(code, labels)
+
+
+def train_generator(generator: Generator, features: RandomFeatures, target_means: Tensor, *, steps: int,
+                    per_class: int, lr: float, seed: int, progress=None) -> list[float]:
+    """Adam on Σ_c ‖mean φ(G(z, c)) − m_c‖² over balanced batches (`per_class` codes a class a step)."""
+    num_classes = len(target_means)
+    device = next(generator.parameters()).device
+    labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
+    targets = target_means.to(device)
+    optimizer = torch.optim.Adam(generator.parameters(), lr=lr)
+    code_generator = torch.Generator().manual_seed(seed)
+    generator.train()
+    losses = []
+    for _ in range(steps):
+        phi = features(generator.sample(labels, code_generator))
+        means = phi.view(num_classes, per_class, -1).mean(dim=1)
+        loss = (means - targets).pow(2).sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update()
+    return losses
+
+
+def fixed_features(dim: int, features: int, relative_length_scale: float, seed: int) -> RandomFeatures:
+    """Random features drawn from `seed`, with ℓ = relative_length_scale · √dim: a data-independent rule,
+    so the kernel reads no data (DP-MERF's median heuristic is a statistic of the sensitive images)."""
+    return RandomFeatures(dim, features, relative_length_scale * math.sqrt(dim), torch.Generator().manual_seed(seed))

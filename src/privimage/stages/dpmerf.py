@@ -1,0 +1,124 @@
+"""method=dpmerf: release the noisy mean embeddings once, fit a generator to them, sample it.
+
+The release is booked in the ledger before it is computed and marked released before
+`dpmerf/embedding.safetensors` (the noisy release: shareable) is written; a rerun reuses that file, a
+released booking whose file is gone refuses. The generator, its samples and everything after are
+post-processing of the release. Writes `synthetic.npz` like the sample stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.config import fingerprint
+from privimage.data import ImageDataset, to_tensor, to_uint8
+from privimage.errors import UserError
+from privimage.merf import Generator, RandomFeatures, class_means, embedding_sum, fixed_features, release, train_generator
+from privimage.privacy.accountant import FixedReleasesExceedTarget, Mechanism, calibrate_noise_multiplier
+from privimage.privacy.ledger import Booking, PrivacyLedger
+from privimage.rundir import RunDir
+from privimage.runtime import dp_noise_source, seeded
+from privimage.stages.sample import balanced_labels, write_synthetic
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
+
+EMBEDDING_FILE = "embedding.safetensors"
+GENERATOR_FILE = "generator.safetensors"
+BATCH = 512
+
+
+def mechanism(cfg: DictConfig, num_samples: int, earlier: list[Mechanism]) -> Mechanism:
+    """One Gaussian mechanism (sensitivity 1) whose σ meets the target with what was booked before."""
+    try:
+        sigma = calibrate_noise_multiplier(cfg.privacy.epsilon, cfg.privacy.delta, 1.0, 1, fixed=earlier,
+                                           accountant=cfg.privacy.accountant)
+    except FixedReleasesExceedTarget as error:
+        raise UserError(f"{error}: raise privacy.epsilon") from None
+    return Mechanism(sigma)
+
+
+def _features(cfg: DictConfig) -> RandomFeatures:
+    r, d = cfg.dpmerf, cfg.data
+    return fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, cfg.seed)
+
+
+def release_name(cfg: DictConfig) -> str:
+    """What the release depends on: a new generator or sample count reuses it, never releases again."""
+    return fingerprint(cfg.data, cfg.privacy, cfg.dpmerf.features, cfg.dpmerf.length_scale, cfg.seed)
+
+
+def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset) -> torch.Tensor:
+    """The released C × (2F + 1) noisy sum: computed, booked and released once per run directory."""
+    path = run.root / "dpmerf" / EMBEDDING_FILE
+    name = release_name(cfg)
+    booked = ledger.find("dpmerf")
+    if booked is not None and booked.release != name:
+        raise UserError(f"{run.root} has released its DP-MERF embedding with other settings (dpmerf.features, "
+                        "dpmerf.length_scale or seed changed since): restore them, or use a new --out")
+    if booked is not None and ledger.released_steps("dpmerf", name):
+        if not path.exists():
+            raise UserError(f"the ledger records the DP-MERF embedding as released but {path} is missing: "
+                            "releasing it again would spend the budget twice; use a new --out")
+        tensors, meta = load_checkpoint(path)
+        if meta.get("release") != name:
+            raise UserError(f"{path} is from another release: use a new --out")
+        return tensors["noisy_sum"]
+    features = _features(cfg)
+    if booked is None:
+        booked = Booking("dpmerf", mechanism(cfg, len(sensitive), ledger.mechanisms(excluding_stage="dpmerf")), name)
+        ledger.book(booked)  # before the noisy sum exists
+    batches = ((to_tensor(sensitive.images[i:i + BATCH]), torch.as_tensor(sensitive.labels[i:i + BATCH]))
+               for i in range(0, len(sensitive), BATCH))
+    noisy = release(embedding_sum(features, batches, sensitive.num_classes), booked.mechanism.noise_multiplier,
+                    dp_noise_source(cfg.privacy.secure_rng))
+    ledger.record_release("dpmerf", name, 1)
+    save_checkpoint(path, {"noisy_sum": noisy}, {"release": name})
+    return noisy
+
+
+def _build(cfg: DictConfig, num_classes: int) -> Generator:
+    r, d = cfg.dpmerf, cfg.data
+    with seeded(cfg.seed):
+        return Generator(num_classes, d.channels, d.resolution, code_dim=r.code_dim, width=r.width)
+
+
+def _draw(generator: Generator, labels: torch.Tensor, rng: torch.Generator) -> np.ndarray:
+    device = next(generator.parameters()).device
+    with torch.no_grad():
+        return np.concatenate([to_uint8(generator.sample(labels[i:i + BATCH].to(device), rng))
+                               for i in range(0, len(labels), BATCH)])
+
+
+def model_file(run: RunDir) -> Path:
+    return run.root / "dpmerf" / GENERATOR_FILE
+
+
+def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> Callable:
+    """(labels, torch.Generator) → uint8 images from the fitted generator (methods.Method.model_stage)."""
+    generator = _build(cfg, len(class_names))
+    generator.load_state_dict(load_checkpoint(model_file(run))[0])
+    generator = generator.to(device).eval()
+    return lambda labels, rng: _draw(generator, labels, rng)
+
+
+def run(pipeline: Pipeline) -> None:
+    cfg, names, device = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.device
+    noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train)
+    generator = _build(cfg, len(names)).to(device)
+    with tqdm(total=cfg.dpmerf.steps, desc="dpmerf generator") as bar:
+        train_generator(generator, _features(cfg), class_means(noisy_sum), steps=cfg.dpmerf.steps,
+                        per_class=cfg.dpmerf.per_class, lr=cfg.dpmerf.lr, seed=cfg.seed, progress=bar)
+    generator.eval()
+    save_checkpoint(model_file(pipeline.run), generator.state_dict(), {"stage": "dpmerf"})
+    labels = balanced_labels(cfg.sample.n, len(names))
+    rng = torch.Generator(device=device).manual_seed(cfg.seed)
+    images = _draw(generator, labels, rng)
+    write_synthetic(pipeline.run, ImageDataset(images, labels.numpy().astype(np.int64), names, name="synthetic"))

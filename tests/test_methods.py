@@ -1,0 +1,121 @@
+"""The baselines' own parts: DP-MERF's release and generator, pdp's label rows, dpdm's settings, the method table."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from privimage.config import load_config
+from privimage.diffusion.unet import UNet
+from privimage.errors import UserError
+from privimage.merf import (SIZE_WEIGHT, Generator, RandomFeatures, class_means, embedding_sum, fixed_features,
+                            release, train_generator)
+from privimage.methods import METHODS, STAGE_TABLE
+from privimage.privacy.accountant import compose_epsilon
+from privimage.privacy.noise import GaussianNoise
+from privimage.stages.pretrain import LABEL_EMBEDDING, label_rows, with_label_rows
+
+
+def features(dim=12, count=64, scale=2.0, seed=0):
+    return RandomFeatures(dim, count, scale, torch.Generator().manual_seed(seed))
+
+
+def test_every_image_adds_a_vector_of_norm_one_so_the_sensitivity_is_one():
+    phi = features()
+    x = torch.randn(7, 3, 2, 2) * 3
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    everyone = embedding_sum(phi, [(x, y)], 3)
+    for i in range(len(x)):
+        keep = torch.arange(len(x)) != i
+        without = embedding_sum(phi, [(x[keep], y[keep])], 3)
+        assert torch.linalg.norm(everyone - without).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_random_features_approximate_the_gaussian_kernel():
+    """Reference: the kernel computed directly, exp(-|x - x'|^2 / 2 l^2)."""
+    phi = features(dim=5, count=20_000, scale=1.5)
+    x, x2 = torch.randn(4, 5), torch.randn(4, 5)
+    approx = (phi(x) * phi(x2)).sum(1)
+    exact = torch.exp(-((x - x2) ** 2).sum(1) / (2 * 1.5 ** 2))
+    assert torch.allclose(approx, exact, atol=0.03)
+    assert torch.allclose(torch.linalg.norm(phi(x), dim=1), torch.ones(4), atol=1e-5)
+
+
+def test_without_noise_the_class_means_are_the_exact_means():
+    phi = features()
+    x, y = torch.randn(9, 12), torch.tensor([0] * 4 + [1] * 5)
+    means = class_means(embedding_sum(phi, [(x[:5], y[:5]), (x[5:], y[5:])], 2))
+    assert torch.allclose(means[0], phi(x[:4]).mean(0), atol=1e-5)
+    assert torch.allclose(means[1], phi(x[4:]).mean(0), atol=1e-5)
+
+
+def test_the_release_adds_gaussian_noise_of_the_booked_std_to_every_entry():
+    total = torch.zeros(50, 401, dtype=torch.float64)
+    noisy = release(total, 2.5, GaussianNoise(seed=1))
+    assert noisy.std().item() == pytest.approx(2.5, rel=0.02)
+    assert abs(noisy.mean().item()) < 4 * 2.5 / math.sqrt(noisy.numel())  # 4 standard errors
+
+
+def test_a_class_whose_noisy_size_is_below_one_is_read_as_one_image():
+    noisy = torch.tensor([[0.3, 0.4, -0.2 * SIZE_WEIGHT]], dtype=torch.float64)
+    assert torch.allclose(class_means(noisy), torch.tensor([[0.3, 0.4]]) / SIZE_WEIGHT)
+
+
+def test_the_generator_learns_to_match_target_means():
+    phi = fixed_features(1 * 8 * 8, 200, 0.7, seed=0)
+    targets = phi(torch.stack([torch.full((1, 8, 8), -0.8), torch.full((1, 8, 8), 0.8)]))
+    generator = Generator(2, 1, 8, code_dim=4, width=8)
+    losses = train_generator(generator, phi, targets, steps=150, per_class=16, lr=1e-2, seed=0)
+    assert losses[-1] < 0.2 * losses[0]
+    generator.eval()
+    with torch.no_grad():
+        dark, light = (generator.sample(torch.full((16,), c), torch.Generator().manual_seed(0)).mean() for c in (0, 1))
+    assert dark < 0 < light
+
+
+def test_pdp_label_rows_are_a_seeded_random_choice_not_the_first_rows():
+    rows = label_rows(82, 10, seed=0)
+    assert len(set(rows.tolist())) == 10 and (rows == label_rows(82, 10, seed=0)).all()
+    assert not (rows == np.arange(10)).all() and not (rows == label_rows(82, 10, seed=1)).all()
+    with pytest.raises(UserError, match="public set has 5"):
+        label_rows(5, 10, seed=0)
+
+
+def test_a_remapped_model_answers_for_class_i_as_the_public_model_for_its_row():
+    torch.manual_seed(0)
+    public = UNet(resolution=8, in_channels=1, num_classes=6, base_channels=8, channel_mult=(1,))
+    rows = np.array([4, 1])
+    remapped = UNet(resolution=8, in_channels=1, num_classes=2, base_channels=8, channel_mult=(1,))
+    state = {f"unet.{k}": v for k, v in public.state_dict().items()}
+    remapped.load_state_dict({k.removeprefix("unet."): v for k, v in with_label_rows(state, rows).items()})
+    assert LABEL_EMBEDDING.removeprefix("unet.") in public.state_dict()
+    x, noise = torch.randn(3, 1, 8, 8), torch.ones(3)
+    for sensitive, public_row in ((0, 4), (1, 1), (2, 6)):  # 2 and 6: the null classes
+        assert torch.allclose(remapped(x, noise, torch.full((3,), sensitive)), public(x, noise, torch.full((3,), public_row)))
+
+
+def test_dpdm_reads_its_own_dp_sgd_settings_and_the_others_finetunes():
+    cfg = load_config("default", overrides=["method=dpdm", "dpdm.lr=0.005"])
+    assert METHODS["dpdm"].configure(cfg).finetune.lr == 0.005
+    assert METHODS["privimage"].configure(cfg).finetune.lr == cfg.finetune.lr
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_books_what_its_stages_spend_and_ends_in_a_sampled_model(method):
+    stages = METHODS[method].stages
+    assert METHODS[method].model_stage in stages and hasattr(STAGE_TABLE[METHODS[method].model_stage].module, "sampler")
+    for stage in stages:
+        assert hasattr(STAGE_TABLE[stage].module, "mechanism") == STAGE_TABLE[stage].spends_privacy
+
+
+@pytest.mark.parametrize("method,epsilon", [("dpmerf", 1.0), ("dpmerf", 10.0)])
+def test_dpmerf_calibrates_its_one_release_to_the_target(method, epsilon):
+    cfg = load_config("default", overrides=[f"method={method}", f"privacy.epsilon={epsilon}"])
+    mechanism = STAGE_TABLE["dpmerf"].module.mechanism(cfg, 4000, [])
+    assert (mechanism.sample_rate, mechanism.steps) == (1.0, 1)
+    spent = compose_epsilon([mechanism], 1e-5)
+    assert epsilon * 0.98 < spent <= epsilon
+    # The classical Gaussian-mechanism bound (Dwork & Roth, Thm A.1, for epsilon < 1) needs at least as much noise.
+    if epsilon < 1.01:
+        assert mechanism.noise_multiplier <= math.sqrt(2 * math.log(1.25 / 1e-5)) / (0.98 * epsilon)
