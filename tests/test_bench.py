@@ -1,4 +1,4 @@
-"""`privimage bench`: equal-compute runs per method and ε, bench.md and bench.png."""
+"""`privimage bench`: runs per method, ε and time budget, bench.md and bench.png."""
 
 import json
 import os
@@ -8,22 +8,40 @@ import sys
 import pytest
 from PIL import Image
 
-from privimage.bench import bench_markdown, parse_list
+from privimage.bench import bench_configs, bench_figure, bench_markdown, parse_list
+from privimage.config import load_config
 from privimage.errors import UserError
 
 
-def row(method, epsilon, fid, accuracy):
-    return {"run": f"{method}-eps{epsilon:g}", "method": method, "epsilon": epsilon, "spent": 0.99 * epsilon,
-            "fid": fid, "accuracy": {"cnn": accuracy}, "public_images": 1234, "parameters": 5678,
-            "seconds": {"semantics": None, "pretrain": 12.0, "finetune": 3.0, "sample": 1.0, "evaluate": 2.0}}
+def row(method, epsilon, fid, accuracy, minutes=5.0):
+    seconds = {"semantics": None, "pretrain": 12.0, "finetune": 3.0, "dpmerf": None, "sample": 1.0, "evaluate": 2.0}
+    return {"run": f"{method}-eps{epsilon:g}", "method": method, "epsilon": epsilon, "minutes": minutes,
+            "spent": 0.99 * epsilon, "fid": fid, "accuracy": {"cnn": accuracy}, "public_images": 1234,
+            "parameters": 5678, "seconds": seconds, "wall": 18.0}
 
 
 def test_markdown_has_one_row_per_run_and_marks_what_was_not_measured():
-    table = bench_markdown([row("pdp", 1.0, None, 0.5), row("dpdm", 10.0, 88.2, 0.7)])
+    table = bench_markdown([row("pdp", 1.0, None, 0.5), row("dpdm", 10.0, 88.2, 0.7, minutes=None)])
     lines = table.splitlines()
-    assert lines[0].startswith("| method | ε target | ε spent | FID | accuracy (cnn) |")
-    assert lines[2].startswith("| pdp | 1 | 0.990 | – | 0.500 | 1,234 | 5,678 | – | 12 |")
-    assert lines[3].startswith("| dpdm | 10 | 9.900 | 88.2 | 0.700 |")
+    assert lines[0].startswith("| method | budget (min) | ε target | ε spent | FID | accuracy (cnn) |")
+    assert lines[2].startswith("| pdp | 5 | 1 | 0.990 | – | 0.500 | 1,234 | 5,678 | 0.3 | – | 12 | 3 | – |")
+    assert lines[3].startswith("| dpdm | – | 10 | 9.900 | 88.2 | 0.700 |")
+
+
+def test_every_planned_method_runs_at_every_budget_and_dpmerf_once_per_epsilon():
+    configs = bench_configs(load_config("quick"), ["privimage", "dpmerf"], [1.0, 10.0], [5.0, 15.0])
+    assert sorted(configs) == ["dpmerf-eps1", "dpmerf-eps10", "privimage-eps1-15min", "privimage-eps1-5min",
+                               "privimage-eps10-15min", "privimage-eps10-5min"]
+    assert configs["privimage-eps10-5min"].minutes == 5.0 and configs["dpmerf-eps1"].minutes is None
+    assert not any(cfg.evaluate.reference for cfg in configs.values())
+    with pytest.raises(UserError, match="--minutes"):
+        bench_configs(load_config("quick"), ["privimage"], [1.0], [0.0])
+
+
+def test_the_figure_plots_accuracy_against_the_budget_for_each_epsilon():
+    rows = [row("privimage", e, 80.0, a, m) for e, a, m in ((1.0, 0.5, 5.0), (1.0, 0.6, 15.0), (10.0, 0.7, 5.0))]
+    png = bench_figure(rows + [row("dpmerf", 1.0, 90.0, 0.4, minutes=None)])
+    assert png.startswith(b"\x89PNG")
 
 
 def test_list_options_are_checked():
@@ -33,23 +51,22 @@ def test_list_options_are_checked():
 
 
 @pytest.mark.slow
-def test_bench_runs_every_method_at_equal_compute(tmp_path, cache_dir):
+def test_bench_runs_every_method_within_the_budget(tmp_path, cache_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "privimage", "bench", "--preset", "quick", "--out", "b", "--methods", "pdp,dpdm",
-         "--epsilons", "5", "pretrain.steps=4", "sample.n=20", "evaluate.classifier_epochs=1"],
+        [sys.executable, "-m", "privimage", "bench", "--preset", "quick", "--out", "b", "--methods", "pdp,dpmerf",
+         "--epsilons", "5", "--minutes", "1", "sample.n=20", "evaluate.classifier_epochs=1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
     assert result.returncode == 0, result.stderr[-3000:]
     bench = tmp_path / "b"
     lines = (bench / "bench.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| pdp", "| dpdm"]
+    assert [line.split(" | ")[:2] for line in lines[2:4]] == [["| pdp", "1"], ["| dpmerf", "–"]]
     Image.open(bench / "bench.png").verify()
-    ledgers = [json.loads((bench / name / "privacy.json").read_text()) for name in ("pdp-eps5", "dpdm-eps5")]
-    (pdp,), (dpdm,) = (ledger["entries"] for ledger in ledgers)  # no query: DP-SGD has the whole budget
-    assert (pdp["steps"], pdp["sample_rate"], pdp["noise_multiplier"]) == (
-        dpdm["steps"], dpdm["sample_rate"], dpdm["noise_multiplier"])
-    assert all(ledger["spent"]["epsilon"] <= 5 for ledger in ledgers)
-    public_used = [line.split(" | ")[-7] for line in lines[2:4]]
-    assert public_used[0] == "2,480" and public_used[1] == "0"  # quick's public set: 62 glyphs x 40
+    assert json.loads((bench / "pdp-eps5-1min" / "plan.json").read_text())["finetune_steps"] >= 1
+    ledgers = [json.loads((bench / name / "privacy.json").read_text()) for name in ("pdp-eps5-1min", "dpmerf-eps5")]
+    assert [[entry["stage"] for entry in ledger["entries"]] for ledger in ledgers] == [["finetune"], ["dpmerf"]]
+    assert all(4.9 < ledger["spent"]["epsilon"] <= 5 for ledger in ledgers)
+    public_used = [line.split(" | ")[-9] for line in lines[2:4]]
+    assert public_used == ["2,480", "0"]  # quick's public set: 62 glyphs x 40
 
 
 def test_a_bad_input_leaves_no_benchmark_folder(tmp_path, cache_dir):

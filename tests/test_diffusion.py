@@ -267,7 +267,9 @@ def test_ema_state_dict_round_trip() -> None:
 def test_finetune_lr_schedule_warms_up_then_decays_to_zero() -> None:
     from privimage.diffusion.training import lr_factor
 
-    assert [lr_factor("constant", 4, s, 10) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    cosine = [lr_factor("cosine", 2, s, 12) for s in range(12)]
+    assert [lr_factor("constant", 4, s, 40) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert [lr_factor("constant", 4, s, 20) for s in range(3)] == [0.5, 1.0, 1.0]  # at most a tenth of the steps
+    assert lr_factor("constant", 4, 0, 5) == 1.0
+    cosine = [lr_factor("cosine", 2, s, 24) for s in range(24)]
     assert cosine[:3] == [0.5, 1.0, 1.0]
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:])) and 0 < cosine[-1] < 0.05

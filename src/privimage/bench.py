@@ -1,9 +1,12 @@
-"""`privimage bench`: every method at every ε, at equal compute, in one table and one figure.
+"""`privimage bench`: every method at every ε and time budget, in one table and one figure.
 
-Each (method, ε) is an ordinary run directory `DIR/<method>-eps<ε>` made from the same configuration
-(same model, same DP-SGD steps and batch, same pretraining steps for privimage and pdp): only `method`
-and `privacy.epsilon` differ, and all share one train/test split. Runs are resumable and skipped when
-done, like `privimage run`.
+Each (method, ε, budget) is an ordinary run directory `DIR/<method>-eps<ε>-<M>min` made from the same
+configuration: only `method`, `privacy.epsilon` and `minutes` differ, and all share one train/test
+split. Equal compute means equal minutes, each method spending them its own way (the planner gives
+privimage and pdp pretraining and DP-SGD steps, dpdm DP-SGD steps only). dpmerf does not scale with
+the budget (its generator runs its configured steps, in less than the smallest budget): it runs
+once per ε, `DIR/dpmerf-eps<ε>`. The owner's real-data reference does not depend on the method and
+is left out (`evaluate.reference=false`). Runs are resumable and skipped when done, like `privimage run`.
 """
 
 from __future__ import annotations
@@ -17,14 +20,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
-from privimage.stages.pretrain import MODEL_FILE
 from privimage.errors import UserError
-from privimage.methods import METHODS
+from privimage.methods import METHODS, STAGE_TABLE
 from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
 
-STAGE_COLUMNS = ("semantics", "pretrain", "finetune", "sample", "evaluate")
+STAGE_COLUMNS = ("semantics", "pretrain", "finetune", "dpmerf", "sample", "evaluate")
 
 
 def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:
@@ -38,17 +40,27 @@ def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:
         raise UserError(f"--{what} must be a comma-separated list (got '{text}')") from None
 
 
-def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[float]) -> dict[str, DictConfig]:
-    """One validated config per run name, differing from `cfg` only in method and ε."""
+def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[float],
+                  budgets: Sequence[float]) -> dict[str, DictConfig]:
+    """One validated config per run name, differing from `cfg` only in method, ε and minutes."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    if any(minutes <= 0 for minutes in budgets):
+        raise UserError("--minutes must be positive numbers of minutes, e.g. 5,15")
     configs = {}
-    for method in methods:
-        for epsilon in epsilons:
-            run_cfg = OmegaConf.merge(cfg, {"method": method, "privacy": {"epsilon": float(epsilon)}})
-            validate(run_cfg)
-            configs[f"{method}-eps{epsilon:g}"] = run_cfg
+    for epsilon in epsilons:  # in this order, so that a benchmark stopped early has whole rows of the table
+        for minutes in budgets:
+            for method in methods:
+                planned = "finetune" in METHODS[method].stages  # what `minutes` plans (Pipeline.validate)
+                name = f"{method}-eps{epsilon:g}" + (f"-{minutes:g}min" if planned else "")
+                if name in configs:
+                    continue
+                run_cfg = OmegaConf.merge(cfg, {"method": method, "privacy": {"epsilon": float(epsilon)},
+                                                "minutes": minutes if planned else None,
+                                                "evaluate": {"reference": False}})
+                validate(run_cfg)
+                configs[name] = run_cfg
     return configs
 
 
@@ -69,7 +81,8 @@ def write_bench_split_key(out: Path, key: bytes) -> None:
 
 def parameter_count(model_file: Path) -> int:
     tensors, _ = load_checkpoint(model_file)
-    return sum(tensor.numel() for tensor in tensors.values())  # the denoiser has no buffers: all are parameters
+    # Trained tensors only: a generator's batch-norm statistics and counters are not parameters.
+    return sum(t.numel() for name, t in tensors.items() if t.is_floating_point() and "running_" not in name)
 
 
 def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> dict:
@@ -83,9 +96,11 @@ def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> di
         if facts.get("reused_cached_model"):
             reused.append(stage)
     return {
-        "run": name, "method": cfg.method, "epsilon": cfg.privacy.epsilon, "spent": ledger["spent"]["epsilon"],
+        "run": name, "method": cfg.method, "epsilon": cfg.privacy.epsilon, "minutes": cfg.minutes,
+        "spent": ledger["spent"]["epsilon"],
         "fid": metrics.get("fid"), "accuracy": metrics["accuracy"], "public_images": public_images,
-        "parameters": parameter_count(run.finetune_dir / MODEL_FILE), "seconds": seconds,
+        "parameters": parameter_count(STAGE_TABLE[METHODS[cfg.method].model_stage].module.model_file(run)),
+        "seconds": seconds, "wall": sum(v for v in seconds.values() if v is not None),
         "reused": reused,
     }
 
@@ -96,38 +111,45 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def bench_markdown(rows: list[dict]) -> str:
     classifiers = sorted({name for row in rows for name in row["accuracy"]})
-    header = ["method", "ε target", "ε spent", "FID", *(f"accuracy ({c})" for c in classifiers), "public images",
-              "parameters", *(f"{s} s" for s in STAGE_COLUMNS)]
+    header = ["method", "budget (min)", "ε target", "ε spent", "FID", *(f"accuracy ({c})" for c in classifiers),
+              "public images", "parameters", "stages (min)", *(f"{s} s" for s in STAGE_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["method"], f"{row['epsilon']:g}", f"{row['spent']:.3f}", _cell(row["fid"], ".1f"),
+        cells = [row["method"], _cell(row["minutes"], "g"), f"{row['epsilon']:g}", f"{row['spent']:.3f}",
+                 _cell(row["fid"], ".1f"),
                  *(_cell(row["accuracy"].get(c), ".3f") for c in classifiers), f"{row['public_images']:,}",
-                 f"{row['parameters']:,}",
+                 f"{row['parameters']:,}", f"{row['wall'] / 60:.1f}",
                  *("cached" if s in row.get("reused", ()) else _cell(row["seconds"][s], ".0f") for s in STAGE_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\nSame model, same DP-SGD steps and batch for every method; privimage and pdp pretrain for the same "
-            "number of steps. Accuracy: classifiers trained on the synthetic set, tested on the real test split. "
-            "`–`: not measured (e.g. `evaluate.fid=false`) or stage not part of the method; `cached`: the model "
-            "pretrained by an earlier run on the same public images with the same settings was reused.\n")
+    note = ("\nEqual minutes for every method (`budget`), spent its own way; dpmerf runs its configured steps, "
+            "whatever the budget. Accuracy: classifiers trained on the synthetic set without augmentation, tested "
+            "on the real test split. `stages (min)`: the stages' wall time, without data loading and the planner's "
+            "probe. `–`: not measured (e.g. `evaluate.fid=false`) or stage not part of the method; `cached`: the "
+            "model pretrained by an earlier run on the same public images with the same settings was reused.\n")
     return "\n".join(lines) + "\n" + note
 
 
 def bench_figure(rows: list[dict]) -> bytes:
-    fig = Figure(figsize=(9, 3.6))
-    fid_axis, accuracy_axis = fig.subplots(1, 2)
-    for method in dict.fromkeys(row["method"] for row in rows):
-        mine = sorted((row for row in rows if row["method"] == method), key=lambda row: row["epsilon"])
-        epsilons = [row["epsilon"] for row in mine]
-        if all(row["fid"] is not None for row in mine):
-            fid_axis.plot(epsilons, [row["fid"] for row in mine], marker="o", label=method)
-        best = [max(row["accuracy"].values()) for row in mine]
-        accuracy_axis.plot(epsilons, best, marker="o", label=method)
-    for axis, label in ((fid_axis, "FID (lower is better)"), (accuracy_axis, "accuracy, best classifier")):
-        axis.set_xscale("log")
-        axis.set_xlabel("ε")
-        axis.set_ylabel(label)
+    """Accuracy (best classifier) against the budget, one panel per ε; dpmerf, which does not scale
+    with the budget, as a level line."""
+    epsilons = sorted({row["epsilon"] for row in rows})
+    budgets = sorted({row["minutes"] for row in rows if row["minutes"] is not None}) or [1.0]
+    fig = Figure(figsize=(4.5 * len(epsilons), 3.6))
+    axes = fig.subplots(1, len(epsilons), squeeze=False)[0]
+    for axis, epsilon in zip(axes, epsilons):
+        mine = [row for row in rows if row["epsilon"] == epsilon]
+        for method in dict.fromkeys(row["method"] for row in mine):
+            points = sorted((row for row in mine if row["method"] == method), key=lambda row: row["minutes"] or 0)
+            best = [max(row["accuracy"].values()) for row in points]
+            if points[0]["minutes"] is None:
+                axis.plot([budgets[0], budgets[-1]], [best[0]] * 2, linestyle="--", label=f"{method} (no budget)")
+            else:
+                axis.plot([row["minutes"] for row in points], best, marker="o", label=method)
+        axis.set_title(f"ε = {epsilon:g}")
+        axis.set_xlabel("time budget (minutes)")
+        axis.set_ylabel("accuracy on real test data")
         axis.grid(alpha=0.3)
-        axis.legend()
+        axis.legend(fontsize="small")
     return figure_png(fig)
 
 

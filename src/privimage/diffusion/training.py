@@ -102,10 +102,12 @@ def _optimizer_state(tensors: dict[str, torch.Tensor]) -> dict[int, dict[str, to
 
 
 def lr_factor(schedule: str, warmup_steps: int, step: int, steps: int) -> float:
-    """Learning-rate multiplier at `step` of `steps`: a linear warm-up, then constant or cosine to zero.
+    """Learning-rate multiplier at `step` of `steps`: a linear warm-up (at most a tenth of the steps, so
+    that a short planned run still trains), then constant or cosine to zero.
 
     A function of the step alone, so a resumed run continues the same schedule without saved state.
     """
+    warmup_steps = min(warmup_steps, steps // 10)
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "cosine":
