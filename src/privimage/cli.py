@@ -94,7 +94,7 @@ def bench(
     preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
     epsilons: Annotated[str, typer.Option(help="Comma-separated target ε values.")] = "1,10",
     methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm, dpmerf.")] = "privimage,pdp,dpdm,dpmerf",
-    minutes: Annotated[str, typer.Option(help="Comma-separated time budgets in minutes, one run per method, ε and budget.")] = "5,15",
+    minutes: Annotated[str, typer.Option(help="Comma-separated time budgets in minutes, one run per method, ε and budget.")] = "6,15",
 ) -> None:
     """Every method at every ε and time budget; writes bench.md (table) and bench.png (accuracy vs budget)."""
     from privimage.api import PrivImage

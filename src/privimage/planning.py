@@ -91,7 +91,8 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, 
         dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
         dp_seconds = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer))
 
-        fx = to_tensor(images(cfg.sample.batch_size)).to(device)
+        # The batch the sampler runs: with guidance the conditional and unconditional passes go together.
+        fx = to_tensor(images(cfg.sample.batch_size * (2 if cfg.sample.guidance else 1))).to(device)
         sigma = torch.ones(len(fx), device=device)
         labels = torch.zeros(len(fx), dtype=torch.long, device=device)
         with torch.inference_mode():
