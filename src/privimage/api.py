@@ -263,7 +263,7 @@ class PrivImage:
             >>> images, labels = PrivImage.load("runs/mine").sample(10, labels=["7"] * 10)  # doctest: +SKIP
         """
         self._require_fitted()
-        names, s = self.class_names, self.cfg.sample
+        names = self.class_names
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1 (got {n!r})")
         wanted = np.arange(n) % len(names) if labels is None else _class_indices(labels, names, n)

@@ -52,7 +52,7 @@ def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[fl
     for epsilon in epsilons:  # in this order, so that a benchmark stopped early has whole rows of the table
         for minutes in budgets:
             for method in methods:
-                planned = "finetune" in METHODS[method].stages  # what `minutes` plans (Pipeline.validate)
+                planned = METHODS[method].follows_budget
                 name = f"{method}-eps{epsilon:g}" + (f"-{minutes:g}min" if planned else "")
                 if name in configs:
                     continue

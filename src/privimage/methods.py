@@ -70,6 +70,12 @@ class Method:
         return self.pretraining_data is not None
 
     @property
+    def follows_budget(self) -> bool:
+        """Whether `minutes` plans its steps: the DP-SGD methods; dpmerf's generator runs its configured
+        steps, a few minutes at most."""
+        return "finetune" in self.stages
+
+    @property
     def model_stage(self) -> str:
         """The stage that makes the model synthetic images are drawn from (its module has `sampler`):
         the last one that spends privacy, so a fitted model has spent the whole budget."""

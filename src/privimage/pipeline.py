@@ -82,8 +82,8 @@ class Pipeline:
             self._check_selection_fits()
         if self.method.pretraining_data == "public":
             label_rows(self.public.num_classes, self.sensitive_train.num_classes, self.cfg.seed)  # refuses too few
-        if self.cfg.minutes is not None and "finetune" in self.stages():
-            self._apply_plan()  # dpmerf's generator runs its configured steps: a few minutes at most
+        if self.cfg.minutes is not None and self.method.follows_budget:
+            self._apply_plan()
         self.planned_mechanisms()  # refuses a budget too small to train
         return self
 
