@@ -59,7 +59,7 @@ def test_readme_example_fits_samples_and_reloads(example):
     assert set(namespace["metrics"]["accuracy"]) == {"cnn", "resnet"}
     assert (run / "report.html").is_file() and namespace["sevens"].shape == (16, 28, 28, 1)
     spent = namespace["model"].privacy_spent
-    assert list(spent["stages"]) == ["semantics", "finetune"]
+    assert list(spent["stages"]) == ["semantics", "warmstart", "finetune"]
     assert 0.99 * 10 <= spent["epsilon"] <= 10 and spent["delta"] == 1e-5
     assert all(spent["epsilon"] > epsilon for epsilon in spent["stages"].values())
 

@@ -14,7 +14,8 @@ from privimage.errors import UserError
 
 
 def row(method, epsilon, fid, accuracy, minutes=5.0):
-    seconds = {"semantics": None, "pretrain": 12.0, "finetune": 3.0, "dpmerf": None, "sample": 1.0, "evaluate": 2.0}
+    seconds = {"semantics": None, "warmstart": 4.0, "pretrain": 12.0, "finetune": 3.0, "dpmerf": None, "sample": 1.0,
+               "evaluate": 2.0}
     return {"run": f"{method}-eps{epsilon:g}", "method": method, "epsilon": epsilon, "minutes": minutes,
             "spent": 0.99 * epsilon, "fid": fid, "accuracy": {"cnn": accuracy}, "public_images": 1234,
             "parameters": 5678, "seconds": seconds, "wall": 18.0}
@@ -24,7 +25,7 @@ def test_markdown_has_one_row_per_run_and_marks_what_was_not_measured():
     table = bench_markdown([row("pdp", 1.0, None, 0.5), row("dpdm", 10.0, 88.2, 0.7, minutes=None)])
     lines = table.splitlines()
     assert lines[0].startswith("| method | budget (min) | ε target | ε spent | FID | accuracy (cnn) |")
-    assert lines[2].startswith("| pdp | 5 | 1 | 0.990 | – | 0.500 | 1,234 | 5,678 | 0.3 | – | 12 | 3 | – |")
+    assert lines[2].startswith("| pdp | 5 | 1 | 0.990 | – | 0.500 | 1,234 | 5,678 | 0.3 | – | 4 | 12 | 3 | – |")
     assert lines[3].startswith("| dpdm | – | 10 | 9.900 | 88.2 | 0.700 |")
 
 

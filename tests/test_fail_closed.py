@@ -37,7 +37,7 @@ def finetuned(tmp_path_factory, cache_dir):
     """A quick run through DP fine-tuning, copied by each test that changes it."""
     root = tmp_path_factory.mktemp("fail-closed") / "run"
     pipeline = opened(quick(cache_dir), root)
-    for stage in ("semantics", "pretrain", "finetune"):
+    for stage in ("semantics", "warmstart", "pretrain", "finetune"):
         pipeline.run_stage(stage)
     pipeline.close()
     return root
@@ -57,8 +57,8 @@ def scalars(run, tag: str) -> list:
 def test_an_interrupt_between_checkpoints_releases_no_step_twice(tmp_path, cache_dir, monkeypatch):
     """Ctrl-C at step 5 of 6 (checkpoint at 3), rerun: 6 noisy losses were released, 6 charged (not 4 + 3)."""
     pipeline = opened(quick(cache_dir), tmp_path / "run")
-    pipeline.run_stage("semantics")
-    pipeline.run_stage("pretrain")
+    for stage in ("semantics", "warmstart", "pretrain"):
+        pipeline.run_stage(stage)
     real_step, calls = DPSGD.step, []
 
     def interrupted(self, *args):

@@ -46,7 +46,7 @@ def test_every_artifact_is_written(quick_run):
 def test_ledger_composes_query_and_dpsgd_within_target(quick_run):
     run, _ = quick_run
     ledger = json.loads((run / "privacy.json").read_text())
-    assert [e["stage"] for e in ledger["entries"]] == ["semantics", "finetune"]
+    assert [e["stage"] for e in ledger["entries"]] == ["semantics", "warmstart", "finetune"]
     assert ledger["spent"]["epsilon"] <= ledger["target"]["epsilon"]
     assert ledger["spent"]["epsilon"] >= 0.99 * ledger["target"]["epsilon"]  # the calibration uses the budget
 
@@ -74,7 +74,7 @@ def test_second_identical_run_skips_every_stage(quick_run, cache_dir):
     before = (run / "privacy.json").read_text()
     again = privimage("run", "--preset", "quick", "--out", "run", cwd=run.parent, cache_dir=cache_dir)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("up to date, skipped") == 6
+    assert again.stderr.count("up to date, skipped") == 7
     assert (run / "privacy.json").read_text() == before  # nothing spent twice
 
 

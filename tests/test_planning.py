@@ -31,6 +31,16 @@ def test_plan_scales_the_recipe_to_fit_the_seconds_left():
     assert faster.finetune_steps > 2 * plan.finetune_steps  # a machine twice as fast trains more than twice as long
 
 
+def test_the_warm_start_generator_is_planned_at_its_configured_steps():
+    cfg = load_config(None, None, ["minutes=15"])
+    common = dict(semantics_seconds=60.0, evaluations_per_classifier=1, uses_pretraining=True, num_samples=4000)
+    without = planning.make_plan(cfg, THROUGHPUT, 900.0, **common)
+    plan = planning.make_plan(cfg, {**THROUGHPUT, "generator_step": 0.2}, 900.0, **common)
+    assert plan.expected_seconds["warmstart"] == pytest.approx(0.2 * cfg.warm_start.steps)
+    assert "warmstart" not in without.expected_seconds and plan.pretrain_steps < without.pretrain_steps
+    assert sum(plan.expected_seconds.values()) <= 900.0
+
+
 def test_a_budget_too_small_for_one_step_is_a_user_error():
     cfg = load_config(None, None, ["minutes=1"])
     with pytest.raises(UserError, match="raise --minutes"):
@@ -44,7 +54,8 @@ def test_the_plan_is_made_before_the_data_is_touched_and_kept_by_the_run_directo
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert pipeline.cfg.pretrain.steps == plan["pretrain_steps"] >= 1
     assert pipeline.cfg.finetune.steps == plan["finetune_steps"] >= 1
-    assert set(plan["throughput"]) >= {"pretrain_step", "dp_sample", "denoiser_image"}
+    assert set(plan["throughput"]) >= {"pretrain_step", "dp_sample", "denoiser_image", "generator_step"}
+    assert "warmstart" in plan["expected_seconds"]  # the warm start's generator is planned too
     booked = pipeline.planned_mechanisms()[-1]
     assert booked.steps == plan["finetune_steps"]  # σ is calibrated for the planned T
     pipeline.close()

@@ -43,19 +43,19 @@ def kill_during(stage_before: str, root, env, rng) -> None:
 def test_killed_runs_resume_with_an_exact_ledger_and_whole_artifacts(tmp_path, cache_dir):
     env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
     rng = random.Random(0)
-    for stage_before in ("start", "semantics", "pretrain", "pretrain", "finetune", "sample"):
+    for stage_before in ("start", "semantics", "warmstart", "pretrain", "pretrain", "finetune", "sample"):
         kill_during(stage_before, tmp_path, env, rng)
     final = subprocess.run(COMMAND, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stderr[-3000:]
 
     run = tmp_path / "r"
     ledger = json.loads((run / "privacy.json").read_text())
-    assert [entry["stage"] for entry in ledger["entries"]] == ["semantics", "finetune"]
+    assert [entry["stage"] for entry in ledger["entries"]] == ["semantics", "warmstart", "finetune"]
     assert ledger["spent"]["epsilon"] <= ledger["target"]["epsilon"]
     for name in ("semantics.json", "metrics.json"):
         json.loads((run / name).read_text())
-    for name in ("pretrain/model.safetensors", "pretrain/checkpoint.safetensors", "finetune/model.safetensors",
-                 "finetune/checkpoint.safetensors"):
+    for name in ("warmstart/embedding.safetensors", "warmstart/generator.safetensors", "pretrain/model.safetensors",
+                 "pretrain/checkpoint.safetensors", "finetune/model.safetensors", "finetune/checkpoint.safetensors"):
         load_checkpoint(run / name)
     with np.load(run / "synthetic.npz") as data:
         assert data["images"].shape == (100, 28, 28, 1)

@@ -26,7 +26,7 @@ from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
 
-STAGE_COLUMNS = ("semantics", "pretrain", "finetune", "dpmerf", "sample", "evaluate")
+STAGE_COLUMNS = ("semantics", "warmstart", "pretrain", "finetune", "dpmerf", "sample", "evaluate")
 
 
 def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:

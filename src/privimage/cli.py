@@ -62,7 +62,7 @@ def run(
     minutes: Annotated[Optional[float], typer.Option(
         help="Time budget of the whole run (the `minutes` key); default: the step counts as configured.")] = None,
 ) -> None:
-    """Run the whole pipeline: semantics → pretrain → finetune → sample → evaluate → report."""
+    """Run the whole pipeline: semantics → warmstart → pretrain → finetune → sample → evaluate → report."""
     from privimage.report.summary import print_summary
 
     extra = [f"minutes={minutes}"] if minutes is not None else []
@@ -72,7 +72,8 @@ def run(
 
 
 _stage_command("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.")
-_stage_command("pretrain", "Pretrain the diffusion model on the selected public images (non-private).")
+_stage_command("warmstart", "A DP-MERF release (warm_start.epsilon_share of ε) whose generator's images join pretraining.")
+_stage_command("pretrain", "Pretrain the diffusion model on the selected public images (and the warm start's).")
 _stage_command("finetune", "Fine-tune the pretrained model with DP-SGD on the sensitive training split.")
 _stage_command("dpmerf", "method=dpmerf: one noisy release of mean embeddings, a generator fitted to it, its samples.")
 _stage_command("evaluate", "FID, downstream accuracy, precision/recall and memorization of the synthetic set.")

@@ -189,9 +189,16 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(r[key], int) and r[key] >= 1, f"dpmerf.{key} must be a positive integer (got {r[key]})")
     for key in ("length_scale", "lr"):
         _check(_is_number(r[key]) and r[key] > 0, f"dpmerf.{key} must be a number > 0 (got {r[key]})")
-    if "dpmerf" in method.stages:
-        _check(cfg.data.resolution % 4 == 0, f"method=dpmerf's generator upsamples twice: data.resolution must be a "
-                                             f"multiple of 4 (got {cfg.data.resolution})")
+    w = cfg.warm_start
+    _check(_is_number(w.epsilon_share) and 0 <= w.epsilon_share < 1,
+           f"warm_start.epsilon_share must be in [0, 1), 0 for no warm start (got {w.epsilon_share})")
+    for key in ("samples", "steps"):
+        _check(isinstance(w[key], int) and w[key] >= 1, f"warm_start.{key} must be a positive integer (got {w[key]})")
+    uses_generator = {"dpmerf", "warmstart"} & set(method.stages_for(cfg))
+    if uses_generator:
+        _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(sorted(uses_generator))}) upsamples "
+                                             f"twice: data.resolution must be a multiple of 4 (got {cfg.data.resolution}), "
+                                             "or warm_start.epsilon_share=0")
     e = cfg.evaluate
     _check(isinstance(e.classifier_epochs, int) and e.classifier_epochs >= 1,
            f"evaluate.classifier_epochs must be an integer >= 1 (got {e.classifier_epochs})")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,6 +22,8 @@ class Stage:
     # Config sections the stage reads, beyond its upstream stages: they decide when it is stale.
     config_keys: tuple[str, ...]
     spends_privacy: bool = False
+    # Whether a method that lists the stage runs it under this config (a stage that can be turned off).
+    enabled: Callable[[DictConfig], bool] = lambda cfg: True
 
     @property
     def module(self) -> ModuleType:
@@ -31,6 +34,8 @@ class Stage:
 # In the order they run.
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("semantics", ("data", "semantics", "seed", "method"), spends_privacy=True),
+    Stage("warmstart", ("warm_start", "dpmerf", "privacy", "seed"), spends_privacy=True,
+          enabled=lambda cfg: cfg.warm_start.epsilon_share > 0),
     Stage("pretrain", ("model", "pretrain")),
     Stage("finetune", ("finetune", "privacy"), spends_privacy=True),
     Stage("dpmerf", ("dpmerf", "privacy", "sample", "seed"), spends_privacy=True),
@@ -53,6 +58,10 @@ class Method:
     # A config section whose keys replace those of `finetune` for this method (DP-SGD from scratch
     # wants other settings than fine-tuning a pretrained model).
     finetune_section: str | None = None
+
+    def stages_for(self, cfg: DictConfig) -> tuple[str, ...]:
+        """The stages it runs under `cfg`: its own, less those the config turns off."""
+        return tuple(s for s in self.stages if STAGE_TABLE[s].enabled(cfg))
 
     def configure(self, cfg: DictConfig) -> DictConfig:
         """`cfg` with the method's own fine-tuning settings in `finetune`."""
@@ -87,8 +96,10 @@ def _stages(*names: str) -> tuple[str, ...]:
 
 
 METHODS: dict[str, Method] = {
-    "privimage": Method("privimage", _stages("semantics", "pretrain", "finetune", "sample", "evaluate", "report"),
-                        "selected", "semantic query, pretraining on the selected public semantics, DP-SGD fine-tuning"),
+    "privimage": Method("privimage", _stages("semantics", "warmstart", "pretrain", "finetune", "sample", "evaluate",
+                                             "report"), "selected",
+                        "semantic query, a DP-MERF warm start, pretraining on the selected public semantics and the "
+                        "warm start's images, DP-SGD fine-tuning"),
     "pdp": Method("pdp", _stages("pretrain", "finetune", "sample", "evaluate", "report"), "public",
                   "PDP-Diffusion: conditional pretraining on the whole public set, DP-SGD fine-tuning"),
     "dpdm": Method("dpdm", _stages("finetune", "sample", "evaluate", "report"), None,

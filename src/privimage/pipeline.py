@@ -107,7 +107,7 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        throughput = probe(self.cfg, num_classes, self.device)
+        throughput = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
         semantics_seconds = 0.0
         if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier
@@ -221,7 +221,7 @@ class Pipeline:
 
     # -- stages ----------------------------------------------------------------------------------
     def stages(self) -> tuple[str, ...]:
-        return self.method.stages
+        return self.method.stages_for(self.cfg)
 
     def stage_fingerprint(self, stage: str) -> str:
         upstream = [self.stage_fingerprint(s) for s in self.stages()[: self.stages().index(stage)]]

@@ -5,8 +5,8 @@ classifier training and (with FID) Inception, all on random tensors of the run's
 sensitive images. So the plan, and the DP-SGD steps T and noise σ that follow from it, are fixed
 before any sensitive image is read, and leak nothing about it but the machine's speed.
 
-Fixed-size work (the semantic classifier, sampling `sample.n` images, evaluation) is planned at its
-configured size. What remains of the budget, less a safety margin, goes to pretraining and DP
+Fixed-size work (the semantic classifier, the warm start's generator, sampling `sample.n` images,
+evaluation) is planned at its configured size. What remains of the budget, less a safety margin, goes to pretraining and DP
 fine-tuning, whose configured step counts are scaled by one common factor: the configured recipe
 keeps its proportions and grows or shrinks with the machine.
 """
@@ -28,6 +28,7 @@ from privimage.stages.pretrain import build_denoiser, diffusion_loss
 from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS
 from privimage.classifiers import train_classifier
+from privimage.merf import Generator, fixed_features, train_generator
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
@@ -64,8 +65,9 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, float]:
-    """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch."""
+def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start: bool = False) -> dict[str, float]:
+    """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch;
+    with `warm_start`, per update of the DP-MERF generator (fitted to random target means)."""
     shape = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
     generator = torch.Generator().manual_seed(0)
 
@@ -109,6 +111,13 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device) -> dict[str, 
             seconds = _seconds(lambda: train_classifier(model, probe_images, probe_labels, epochs=1,
                                                         device=str(device)), repeats=1)
             throughput[f"classifier_{name}_image_epoch"] = seconds / PROBE_IMAGES
+    if warm_start:
+        r, d = cfg.dpmerf, cfg.data
+        merf_generator = Generator(num_classes, d.channels, d.resolution, code_dim=r.code_dim, width=r.width).to(device)
+        features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
+        targets = torch.randn(num_classes, 2 * r.features, generator=generator) / math.sqrt(r.features)
+        throughput["generator_step"] = _seconds(lambda: train_generator(
+            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0), repeats=1) / 2
     if cfg.evaluate.fid:
         from privimage.evaluation.fid import InceptionFeatures
 
@@ -147,6 +156,7 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
     denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
     expected = {
         "semantics": semantics_seconds,
+        **({"warmstart": cfg.warm_start.steps * throughput["generator_step"]} if "generator_step" in throughput else {}),
         "sample": s.n * denoiser_calls * throughput["denoiser_image"],
         "evaluate": sum(evaluations_per_classifier * e.classifier_epochs * s.n
                         * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)

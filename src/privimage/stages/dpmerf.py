@@ -1,9 +1,10 @@
 """method=dpmerf: release the noisy mean embeddings once, fit a generator to them, sample it.
 
 The release is booked in the ledger before it is computed and marked released before
-`dpmerf/embedding.safetensors` (the noisy release: shareable) is written; a rerun reuses that file, a
+`<stage>/embedding.safetensors` (the noisy release: shareable) is written; a rerun reuses that file, a
 released booking whose file is gone refuses. The generator, its samples and everything after are
-post-processing of the release. Writes `synthetic.npz` like the sample stage.
+post-processing of the release. Writes `synthetic.npz` like the sample stage. privimage's warm start
+(stages/warmstart.py) makes the same release and generator under its own stage name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from privimage import distributed
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset, to_tensor, to_uint8
@@ -50,20 +52,21 @@ def _features(cfg: DictConfig) -> RandomFeatures:
     return fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, cfg.seed)
 
 
-def release_name(cfg: DictConfig) -> str:
+def release_name(cfg: DictConfig, *depends_on: object) -> str:
     """What the release depends on: a new generator or sample count reuses it, never releases again."""
-    return fingerprint(cfg.data, cfg.privacy, cfg.dpmerf.features, cfg.dpmerf.length_scale, cfg.seed)
+    return fingerprint(cfg.data, cfg.privacy, cfg.dpmerf.features, cfg.dpmerf.length_scale, cfg.seed, *depends_on)
 
 
-def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset) -> torch.Tensor:
-    """The released C × (2F + 1) noisy sum: computed, booked and released once per run directory."""
-    path = run.root / "dpmerf" / EMBEDDING_FILE
-    name = release_name(cfg)
-    booked = ledger.find("dpmerf")
+def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, *, stage: str,
+                    planned: Callable[[], Mechanism], name: str) -> torch.Tensor:
+    """The released C × (2F + 1) noisy sum: computed, booked (as `stage`, `planned()`) and released once
+    per run directory."""
+    path = run.root / stage / EMBEDDING_FILE
+    booked = ledger.find(stage)
     if booked is not None and booked.release != name:
         raise UserError(f"{run.root} has released its DP-MERF embedding with other settings (dpmerf.features, "
-                        "dpmerf.length_scale or seed changed since): restore them, or use a new --out")
-    if booked is not None and ledger.released_steps("dpmerf", name):
+                        "dpmerf.length_scale, warm_start or seed changed since): restore them, or use a new --out")
+    if booked is not None and ledger.released_steps(stage, name):
         if not path.exists():
             raise UserError(f"the ledger records the DP-MERF embedding as released but {path} is missing: "
                             "releasing it again would spend the budget twice; use a new --out")
@@ -73,13 +76,13 @@ def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensiti
         return tensors["noisy_sum"]
     features = _features(cfg)
     if booked is None:
-        booked = Booking("dpmerf", mechanism(cfg, len(sensitive), ledger.mechanisms(excluding_stage="dpmerf")), name)
+        booked = Booking(stage, planned(), name)
         ledger.book(booked)  # before the noisy sum exists
     batches = ((to_tensor(sensitive.images[i:i + BATCH]), torch.as_tensor(sensitive.labels[i:i + BATCH]))
                for i in range(0, len(sensitive), BATCH))
     noisy = release(embedding_sum(features, batches, sensitive.num_classes), booked.mechanism.noise_multiplier,
                     dp_noise_source(cfg.privacy.secure_rng))
-    ledger.record_release("dpmerf", name, 1)
+    ledger.record_release(stage, name, 1)
     save_checkpoint(path, {"noisy_sum": noisy}, {"release": name})
     return noisy
 
@@ -97,28 +100,53 @@ def _draw(generator: Generator, labels: torch.Tensor, rng: torch.Generator) -> n
                                for i in range(0, len(labels), BATCH)])
 
 
+def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str,
+                  steps: int) -> Generator:
+    """The release (once), then the generator fitted to it in `steps` updates, saved as
+    `<stage>/generator.safetensors`. Under torchrun rank 0 alone releases and fits (a release per rank
+    would spend the budget once per rank); every rank then reads the same generator."""
+    cfg, names = pipeline.cfg, pipeline.sensitive_train.class_names
+    path = pipeline.run.root / stage / GENERATOR_FILE
+    if distributed.is_main():
+        noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
+                                    planned=planned, name=name)
+        generator = _build(cfg, len(names))
+        with tqdm(total=steps, desc=f"{stage} generator") as bar:
+            train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=steps,
+                            per_class=cfg.dpmerf.per_class, lr=cfg.dpmerf.lr, seed=cfg.seed, progress=bar)
+        save_checkpoint(path, generator.state_dict(), {"stage": stage})
+    distributed.barrier()
+    return load_generator(cfg, path, len(names), pipeline.device)
+
+
+def generator_images(generator: Generator, n: int, class_names: tuple[str, ...], seed: int,
+                     name: str = "synthetic") -> ImageDataset:
+    """`n` images, balanced over the classes, from the generator's seeded codes."""
+    labels = balanced_labels(n, len(class_names))
+    rng = torch.Generator(device=next(generator.parameters()).device).manual_seed(seed)
+    return ImageDataset(_draw(generator, labels, rng), labels.numpy().astype(np.int64), class_names, name=name)
+
+
+def load_generator(cfg: DictConfig, path: Path, num_classes: int, device: torch.device) -> Generator:
+    generator = _build(cfg, num_classes)
+    generator.load_state_dict(load_checkpoint(path)[0])
+    return generator.to(device).eval()
+
+
 def model_file(run: RunDir) -> Path:
     return run.root / "dpmerf" / GENERATOR_FILE
 
 
 def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> Callable:
     """(labels, torch.Generator) → uint8 images from the fitted generator (methods.Method.model_stage)."""
-    generator = _build(cfg, len(class_names))
-    generator.load_state_dict(load_checkpoint(model_file(run))[0])
-    generator = generator.to(device).eval()
+    generator = load_generator(cfg, model_file(run), len(class_names), device)
     return lambda labels, rng: _draw(generator, labels, rng)
 
 
 def run(pipeline: Pipeline) -> None:
-    cfg, names, device = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.device
-    noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train)
-    generator = _build(cfg, len(names)).to(device)
-    with tqdm(total=cfg.dpmerf.steps, desc="dpmerf generator") as bar:
-        train_generator(generator, _features(cfg), class_means(noisy_sum), steps=cfg.dpmerf.steps,
-                        per_class=cfg.dpmerf.per_class, lr=cfg.dpmerf.lr, seed=cfg.seed, progress=bar)
-    generator.eval()
-    save_checkpoint(model_file(pipeline.run), generator.state_dict(), {"stage": "dpmerf"})
-    labels = balanced_labels(cfg.sample.n, len(names))
-    rng = torch.Generator(device=device).manual_seed(cfg.seed)
-    images = _draw(generator, labels, rng)
-    write_synthetic(pipeline.run, ImageDataset(images, labels.numpy().astype(np.int64), names, name="synthetic"))
+    cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
+    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg), steps=cfg.dpmerf.steps,
+                              planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
+    if distributed.is_main():
+        write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,
+                                                       cfg.seed))

@@ -136,35 +136,46 @@ def with_label_rows(tensors: dict[str, torch.Tensor], rows: np.ndarray) -> dict[
 
 
 def pretraining_data(pipeline: Pipeline) -> ImageDataset:
-    """The selected public semantics relabelled to the sensitive classes, or the public set (methods.py)."""
-    if pipeline.method.pretraining_data == "selected":
-        names = pipeline.sensitive_train.class_names
-        return pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
-    return pipeline.public
+    """The selected public semantics relabelled to the sensitive classes, or the public set (methods.py);
+    with the warm start's generator images (stages/warmstart.py) where the method runs it."""
+    if pipeline.method.pretraining_data != "selected":
+        return pipeline.public
+    names = pipeline.sensitive_train.class_names
+    selected = pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
+    if "warmstart" not in pipeline.stages():
+        return selected
+    from privimage.stages.warmstart import warm_start_images  # here: warmstart → dpmerf → sample → this module
+
+    extra = warm_start_images(pipeline.cfg, pipeline.run, names, pipeline.device)
+    return ImageDataset(np.concatenate([selected.images[np.arange(len(selected))], extra.images]),
+                        np.concatenate([selected.labels, extra.labels]), names, name=f"{selected.name}+warm-start")
 
 
 def run(pipeline: Pipeline) -> None:
     """Pretrain, or reuse the model an earlier run pretrained on the same images with the same settings.
 
-    Pretraining sees only public images (chosen, for privimage, by the noisy selection), so its model
-    may be shared across runs: runs at several ε (`privimage bench`) pretrain once.
+    A model pretrained only on public images (chosen, for privimage, by the noisy selection) may be
+    shared across runs: runs at several ε (`privimage bench`) pretrain once. One that saw the warm
+    start's images is the run's own (post-processing of its release) and stays in the run directory.
     """
     cfg, run_dir = pipeline.cfg, pipeline.run
     data, names = pretraining_data(pipeline), pipeline.sensitive_train.class_names
+    shareable = "warmstart" not in pipeline.stages()
+    pipeline.note("pretrain", pretraining_images=len(data))
     public_labels = pipeline.method.pretraining_data == "public"
     rows = label_rows(data.num_classes, len(names), cfg.seed) if public_labels else None
     key = fingerprint(data.fingerprint(), cfg.model, cfg.pretrain, cfg.seed, data.num_classes,
                       cfg.data.resolution, cfg.data.channels)
     cached = pipeline.cache_dir / "pretrained" / f"{key}.safetensors"
     trained = run_dir.pretrain_dir / ("public-labels.safetensors" if rows is not None else MODEL_FILE)
-    if distributed.broadcast(cached.is_file()):
+    if shareable and distributed.broadcast(cached.is_file()):
         if distributed.is_main():
             logger.info("pretrain: reusing %s (same public images and settings)", cached)
             _copy(cached, trained)
         pipeline.note("pretrain", reused_cached_model=True)
     else:
         pretrain(cfg, run_dir, data, pipeline.device, trained)
-        if distributed.is_main():
+        if shareable and distributed.is_main():
             try:
                 _copy(trained, cached)
             except OSError as error:

@@ -1,0 +1,54 @@
+"""privimage's warm start: a DP-MERF release whose generator's images join the pretraining set.
+
+Not in the PrivImage paper; it follows DP-FETA (Li et al., IEEE S&P 2025, by PrivImage's authors):
+a cheap DP release first teaches the diffusion model the coarse look of the sensitive data, so that
+DP-SGD starts from the sensitive style rather than the public one. Here the release is DP-MERF's
+(stages/dpmerf.py, with the `dpmerf` section's features and generator, fitted in `warm_start.steps`): one Gaussian mechanism whose
+σ spends `warm_start.epsilon_share` of ε on its own; DP-SGD's σ is calibrated for the rest of the
+composed budget. `warm_start.samples` generator images, labelled with the sensitive classes, are
+post-processing of the release; the pretrain stage adds them to the selected public images.
+`warm_start.epsilon_share: 0` drops the stage: the paper's pipeline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig
+
+from privimage.data import ImageDataset
+from privimage.errors import UserError
+from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier
+from privimage.rundir import RunDir
+from privimage.stages.dpmerf import GENERATOR_FILE, fit_generator, generator_images, load_generator, release_name
+
+if TYPE_CHECKING:
+    from privimage.pipeline import Pipeline
+
+STAGE = "warmstart"
+
+
+def mechanism(cfg: DictConfig, num_samples: int = 0, earlier: list[Mechanism] = ()) -> Mechanism:
+    """One Gaussian mechanism (sensitivity 1) whose ε alone is `epsilon_share` of the target."""
+    share, p = cfg.warm_start.epsilon_share, cfg.privacy
+    if not 0 < share < 1:
+        raise UserError(f"warm_start.epsilon_share must be in [0, 1) (got {share}): 0 turns the warm start off")
+    return Mechanism(calibrate_noise_multiplier(share * p.epsilon, p.delta, 1.0, 1, accountant=p.accountant))
+
+
+def generator_file(run: RunDir) -> Path:
+    return run.root / STAGE / GENERATOR_FILE
+
+
+def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> ImageDataset:
+    """The generator's `warm_start.samples` images, labelled with the sensitive classes (seeded)."""
+    generator = load_generator(cfg, generator_file(run), len(class_names), device)
+    return generator_images(generator, cfg.warm_start.samples, class_names, cfg.seed, name="warm-start")
+
+
+def run(pipeline: Pipeline) -> None:
+    cfg = pipeline.cfg
+    fit_generator(pipeline, stage=STAGE, name=release_name(cfg, cfg.warm_start.epsilon_share),
+                  planned=lambda: mechanism(cfg), steps=cfg.warm_start.steps)

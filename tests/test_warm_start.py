@@ -1,0 +1,102 @@
+"""privimage's warm start: a DP-MERF release booked before it is computed, its generator's images in
+pretraining, DP-SGD calibrated for the rest of the budget."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from privimage.checkpoint import load_checkpoint
+from privimage.config import load_config
+from privimage.data import to_tensor
+from privimage.errors import UserError
+from privimage.merf import embedding_sum
+from privimage.methods import STAGE_TABLE
+from privimage.pipeline import Pipeline
+from privimage.privacy.accountant import compose_epsilon
+from privimage.stages.dpmerf import _features
+
+
+def quick(cache_dir, *overrides):
+    return load_config("quick", None, [f"data.cache_dir={cache_dir}", *overrides])
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 10.0])
+def test_the_warm_start_spends_its_share_of_epsilon_alone(epsilon):
+    cfg = load_config("default", overrides=[f"privacy.epsilon={epsilon}"])
+    alone = compose_epsilon([STAGE_TABLE["warmstart"].module.mechanism(cfg)], cfg.privacy.delta)
+    share = cfg.warm_start.epsilon_share
+    assert 0.99 * share * epsilon <= alone <= share * epsilon
+
+
+def test_dp_sgd_is_calibrated_for_what_the_query_and_the_warm_start_leave(cache_dir, tmp_path):
+    pipeline = Pipeline(quick(cache_dir), tmp_path / "run").validate()
+    mechanisms = pipeline.planned_mechanisms()
+    assert len(mechanisms) == 3 and pipeline.stages()[:3] == ("semantics", "warmstart", "pretrain")
+    assert 0.99 * 10 <= compose_epsilon(mechanisms, 1e-5) <= 10
+    without = Pipeline(quick(cache_dir, "warm_start.epsilon_share=0"), tmp_path / "other").validate()
+    assert "warmstart" not in without.stages() and len(without.planned_mechanisms()) == 2
+    # The warm start costs DP-SGD noise: its σ rises.
+    assert mechanisms[-1].noise_multiplier > without.planned_mechanisms()[-1].noise_multiplier
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.0, "half"])
+def test_an_epsilon_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, share):
+    with pytest.raises(UserError, match="warm_start.epsilon_share must be in"):
+        quick(cache_dir, f"warm_start.epsilon_share={share}")
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory, cache_dir):
+    root = tmp_path_factory.mktemp("warm") / "run"
+    pipeline = Pipeline(quick(cache_dir, "warm_start.samples=30"), root).validate().create()
+    pipeline.run_all()
+    pipeline.close()
+    return root, pipeline
+
+
+def test_every_release_is_booked_and_released_once_within_the_target(warm_run):
+    root, _ = warm_run
+    ledger = json.loads((root / "privacy.json").read_text())
+    assert [e["stage"] for e in ledger["entries"]] == ["semantics", "warmstart", "finetune"]
+    assert all(e["released_steps"] == e["steps"] for e in ledger["entries"])
+    assert 9.9 <= ledger["spent"]["epsilon"] <= 10.0
+
+
+def test_the_released_embedding_is_the_exact_sum_plus_noise_of_the_booked_std(warm_run):
+    """Reference: the exact sum recomputed here from the training split; the difference is the noise."""
+    root, pipeline = warm_run
+    noisy = load_checkpoint(root / "warmstart" / "embedding.safetensors")[0]["noisy_sum"]
+    train = pipeline.sensitive_train
+    exact = embedding_sum(_features(pipeline.cfg), [(to_tensor(train.images), torch.as_tensor(train.labels))],
+                          train.num_classes)
+    entry = json.loads((root / "privacy.json").read_text())["entries"][1]
+    residual = noisy - exact
+    assert residual.std().item() == pytest.approx(entry["noise_multiplier"], rel=0.05)
+
+
+def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache(warm_run, cache_dir):
+    root, pipeline = warm_run
+    model = (root / "pretrain" / "model.safetensors").read_bytes()
+    cached = list((cache_dir / "pretrained").glob("*.safetensors"))
+    assert all(path.read_bytes() != model for path in cached)
+    # and it saw the public images plus the warm start's 30
+    selected = json.loads((root / "semantics.json").read_text())["public_images"]
+    assert json.loads((root / "stages" / "pretrain.json").read_text())["pretraining_images"] == selected + 30
+
+
+def test_a_released_warm_start_whose_file_is_gone_or_whose_share_changed_refuses(warm_run, tmp_path, cache_dir):
+    root, _ = warm_run
+    run = tmp_path / "run"
+    shutil.copytree(root, run)
+    before = (run / "privacy.json").read_bytes()
+    changed = Pipeline(quick(cache_dir, "warm_start.samples=30", "warm_start.epsilon_share=0.3"), run)
+    with pytest.raises(UserError, match="other settings"):
+        changed.validate().create().run_stage("warmstart")
+    changed.close()
+    (run / "warmstart" / "embedding.safetensors").unlink()
+    pipeline = Pipeline(quick(cache_dir, "warm_start.samples=30"), run).validate().create()
+    with pytest.raises(UserError, match="use a new --out"):
+        pipeline.run_stage("warmstart", force=True)
+    assert (run / "privacy.json").read_bytes() == before
