@@ -6,7 +6,6 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from privimage.diffusion import EMA, EDMPrecond, UNet, edm_loss, edm_sample, edm_sigmas
-from privimage.errors import UserError
 
 
 def tiny_unet(resolution: int = 8, in_channels: int = 1, num_classes: int = 3, **kwargs) -> UNet:

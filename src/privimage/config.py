@@ -192,8 +192,7 @@ def validate(cfg: DictConfig) -> None:
     w = cfg.warm_start
     _check(_is_number(w.epsilon_share) and 0 <= w.epsilon_share < 1,
            f"warm_start.epsilon_share must be in [0, 1), 0 for no warm start (got {w.epsilon_share})")
-    for key in ("samples", "steps"):
-        _check(isinstance(w[key], int) and w[key] >= 1, f"warm_start.{key} must be a positive integer (got {w[key]})")
+    _check(isinstance(w.samples, int) and w.samples >= 1, f"warm_start.samples must be a positive integer (got {w.samples})")
     uses_generator = {"dpmerf", "warmstart"} & set(method.stages_for(cfg))
     if uses_generator:
         _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(sorted(uses_generator))}) upsamples "

@@ -156,7 +156,7 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
     denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
     expected = {
         "semantics": semantics_seconds,
-        **({"warmstart": cfg.warm_start.steps * throughput["generator_step"]} if "generator_step" in throughput else {}),
+        **({"warmstart": cfg.dpmerf.steps * throughput["generator_step"]} if "generator_step" in throughput else {}),
         "sample": s.n * denoiser_calls * throughput["denoiser_image"],
         "evaluate": sum(evaluations_per_classifier * e.classifier_epochs * s.n
                         * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)

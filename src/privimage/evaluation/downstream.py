@@ -10,7 +10,6 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
-import torch
 from torch import nn
 
 from privimage.errors import UserError

@@ -100,20 +100,19 @@ def _draw(generator: Generator, labels: torch.Tensor, rng: torch.Generator) -> n
                                for i in range(0, len(labels), BATCH)])
 
 
-def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str,
-                  steps: int) -> Generator:
-    """The release (once), then the generator fitted to it in `steps` updates, saved as
-    `<stage>/generator.safetensors`. Under torchrun rank 0 alone releases and fits (a release per rank
-    would spend the budget once per rank); every rank then reads the same generator."""
-    cfg, names = pipeline.cfg, pipeline.sensitive_train.class_names
+def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str) -> Generator:
+    """The release (once), then the generator fitted to it, saved as `<stage>/generator.safetensors`.
+    Under torchrun rank 0 alone releases and fits (a release per rank would spend the budget once per
+    rank); every rank then reads the same generator."""
+    cfg, names, r = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.cfg.dpmerf
     path = pipeline.run.root / stage / GENERATOR_FILE
     if distributed.is_main():
         noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
                                     planned=planned, name=name)
         generator = _build(cfg, len(names))
-        with tqdm(total=steps, desc=f"{stage} generator") as bar:
-            train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=steps,
-                            per_class=cfg.dpmerf.per_class, lr=cfg.dpmerf.lr, seed=cfg.seed, progress=bar)
+        with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
+            train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=r.steps,
+                            per_class=r.per_class, lr=r.lr, seed=cfg.seed, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)
@@ -145,7 +144,7 @@ def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: 
 
 def run(pipeline: Pipeline) -> None:
     cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
-    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg), steps=cfg.dpmerf.steps,
+    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg),
                               planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
     if distributed.is_main():
         write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,

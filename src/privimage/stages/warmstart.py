@@ -3,7 +3,7 @@
 Not in the PrivImage paper; it follows DP-FETA (Li et al., IEEE S&P 2025, by PrivImage's authors):
 a cheap DP release first teaches the diffusion model the coarse look of the sensitive data, so that
 DP-SGD starts from the sensitive style rather than the public one. Here the release is DP-MERF's
-(stages/dpmerf.py, with the `dpmerf` section's features and generator, fitted in `warm_start.steps`): one Gaussian mechanism whose
+(stages/dpmerf.py, with the `dpmerf` section's features and generator): one Gaussian mechanism whose
 σ spends `warm_start.epsilon_share` of ε on its own; DP-SGD's σ is calibrated for the rest of the
 composed budget. `warm_start.samples` generator images, labelled with the sensitive classes, are
 post-processing of the release; the pretrain stage adds them to the selected public images.
@@ -51,4 +51,4 @@ def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...]
 def run(pipeline: Pipeline) -> None:
     cfg = pipeline.cfg
     fit_generator(pipeline, stage=STAGE, name=release_name(cfg, cfg.warm_start.epsilon_share),
-                  planned=lambda: mechanism(cfg), steps=cfg.warm_start.steps)
+                  planned=lambda: mechanism(cfg))
