@@ -26,7 +26,8 @@ from privimage.data import ImageDataset, to_tensor
 from privimage.stages.finetune import finetune_schedule
 from privimage.stages.pretrain import build_denoiser, diffusion_loss
 from privimage.errors import UserError
-from privimage.evaluation.downstream import CLASSIFIERS
+from privimage.diffusion.sampler import edm_sample
+from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
 from privimage.merf import Generator, fixed_features, train_generator
 from privimage.privacy.dpsgd import DPSGD
@@ -93,23 +94,25 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
         dp_seconds = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer))
 
-        # The batch the sampler runs: with guidance the conditional and unconditional passes go together.
-        fx = to_tensor(images(cfg.sample.batch_size * (2 if cfg.sample.guidance else 1))).to(device)
-        sigma = torch.ones(len(fx), device=device)
-        labels = torch.zeros(len(fx), dtype=torch.long, device=device)
+        # The sampler itself, two Heun steps (3 denoiser calls) on one batch of the configured size: its
+        # own overhead and the guided batch (conditional and unconditional passes together) included.
+        s = cfg.sample
+        labels = torch.zeros(s.batch_size, dtype=torch.long, device=device)
+        batch_shape = (s.batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         with torch.inference_mode():
-            forward_seconds = _seconds(lambda: net.eval()(fx, sigma, labels))
-
+            sample_seconds = _seconds(lambda: edm_sample(net.eval(), labels, shape=batch_shape, num_classes=num_classes,
+                                                         steps=2, guidance=s.guidance, solver="heun"))
         throughput = {
             "pretrain_step": _seconds(pretrain_step),
             "dp_sample": dp_seconds / dp_batch,
-            "denoiser_image": forward_seconds / len(fx),
+            # per image and denoiser call, counting a guided call as two images, as make_plan does
+            "denoiser_image": sample_seconds / (3 * s.batch_size * (2 if s.guidance else 1)),
         }
         probe_images, probe_labels = images(PROBE_IMAGES).numpy(), (torch.arange(PROBE_IMAGES) % num_classes).numpy()
         for name in cfg.evaluate.classifiers:
             model = CLASSIFIERS[name](cfg.data.channels, num_classes)
             seconds = _seconds(lambda: train_classifier(model, probe_images, probe_labels, epochs=1,
-                                                        device=str(device)), repeats=1)
+                                                        batch_size=DOWNSTREAM_BATCH, device=str(device)), repeats=1)
             throughput[f"classifier_{name}_image_epoch"] = seconds / PROBE_IMAGES
     if warm_start:
         r, d = cfg.dpmerf, cfg.data

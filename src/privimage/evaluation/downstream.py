@@ -16,6 +16,8 @@ from privimage.errors import UserError
 from privimage.runtime import seeded
 from privimage.classifiers import ResNetGN, SmallCNN, accuracy, train_classifier
 
+DOWNSTREAM_BATCH = 64
+
 CLASSIFIERS: dict[str, Callable[[int, int], nn.Module]] = {
     "cnn": SmallCNN,
     "resnet": ResNetGN,
@@ -33,7 +35,7 @@ def downstream_accuracy(
     test_labels: np.ndarray,
     classifiers: Sequence[str] = ("cnn", "resnet"),
     epochs: int = 15,
-    batch_size: int = 64,
+    batch_size: int = DOWNSTREAM_BATCH,
     augment: float = 0.0,
     seed: int = 0,
     device: str = "cpu",
