@@ -60,9 +60,10 @@ def main() -> None:
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
             score("generator", generator_images(generator, cfg.sample.n, names, cfg.seed + 1))
-        elif stage in ("pretrain", "finetune"):
-            folder = pipeline.run.pretrain_dir if stage == "pretrain" else pipeline.run.finetune_dir
-            score(f"{stage}ed", diffusion_samples(folder / MODEL_FILE))
+        elif stage == "pretrain":
+            score("pretrained", diffusion_samples(pipeline.run.pretrain_dir / MODEL_FILE))
+        elif stage == "finetune":
+            score("finetuned", diffusion_samples(pipeline.run.finetune_dir / MODEL_FILE))
     pipeline.close()
     print(json.dumps({"out": str(args.out), "overrides": args.overrides, "split": args.split, "accuracy": accuracy,
                       "epsilon": read_json(pipeline.run.ledger)["spent"]["epsilon"], "seconds": seconds}), flush=True)
