@@ -6,27 +6,17 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from merf_runs import finished_run, quick, release_residual
 
 from privimage.checkpoint import load_checkpoint
-from privimage.config import load_config
-from privimage.data import to_tensor
 from privimage.errors import UserError
-from privimage.merf import embedding_sum
 from privimage.pipeline import Pipeline
-from privimage.stages.dpmerf import _features
-
-
-def quick(cache_dir, *overrides):
-    return load_config("quick", None, [f"data.cache_dir={cache_dir}", *overrides])
 
 
 @pytest.fixture(scope="module")
 def dpmerf_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("dpmerf") / "run"
-    pipeline = Pipeline(quick(cache_dir, "method=dpmerf", "privacy.epsilon=2"), root).validate().create()
-    pipeline.run_all()
-    pipeline.close()
-    return root, pipeline
+    return root, finished_run(root, quick(cache_dir, "method=dpmerf", "privacy.epsilon=2"))
 
 
 def test_dpmerf_books_one_gaussian_release_and_writes_a_synthetic_set(dpmerf_run):
@@ -41,14 +31,8 @@ def test_dpmerf_books_one_gaussian_release_and_writes_a_synthetic_set(dpmerf_run
 
 
 def test_the_released_embedding_is_the_exact_sum_plus_noise_of_the_booked_std(dpmerf_run):
-    """Reference: the exact sum recomputed here from the training split; the difference is the noise."""
-    root, pipeline = dpmerf_run
-    noisy = load_checkpoint(root / "dpmerf" / "embedding.safetensors")[0]["noisy_sum"]
-    train = pipeline.sensitive_train
-    exact = embedding_sum(_features(pipeline.cfg), [(to_tensor(train.images), torch.as_tensor(train.labels))],
-                          train.num_classes)
-    sigma = json.loads((root / "privacy.json").read_text())["entries"][0]["noise_multiplier"]
-    residual = noisy - exact
+    """Reference: the exact sum recomputed from the training split; the difference is the noise."""
+    residual, sigma = release_residual(*dpmerf_run, "dpmerf")
     assert residual.std().item() == pytest.approx(sigma, rel=0.05) and abs(residual.mean().item()) < 0.1 * sigma
 
 

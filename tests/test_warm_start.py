@@ -5,21 +5,13 @@ import json
 import shutil
 
 import pytest
-import torch
+from merf_runs import finished_run, quick, release_residual
 
-from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
-from privimage.data import to_tensor
 from privimage.errors import UserError
-from privimage.merf import embedding_sum
 from privimage.methods import STAGE_TABLE
 from privimage.pipeline import Pipeline
 from privimage.privacy.accountant import compose_epsilon
-from privimage.stages.dpmerf import _features
-
-
-def quick(cache_dir, *overrides):
-    return load_config("quick", None, [f"data.cache_dir={cache_dir}", *overrides])
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 10.0])
@@ -50,10 +42,7 @@ def test_an_epsilon_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, 
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("warm") / "run"
-    pipeline = Pipeline(quick(cache_dir, "warm_start.samples=30"), root).validate().create()
-    pipeline.run_all()
-    pipeline.close()
-    return root, pipeline
+    return root, finished_run(root, quick(cache_dir, "warm_start.samples=30"))
 
 
 def test_every_release_is_booked_and_released_once_within_the_target(warm_run):
@@ -65,15 +54,9 @@ def test_every_release_is_booked_and_released_once_within_the_target(warm_run):
 
 
 def test_the_released_embedding_is_the_exact_sum_plus_noise_of_the_booked_std(warm_run):
-    """Reference: the exact sum recomputed here from the training split; the difference is the noise."""
-    root, pipeline = warm_run
-    noisy = load_checkpoint(root / "warmstart" / "embedding.safetensors")[0]["noisy_sum"]
-    train = pipeline.sensitive_train
-    exact = embedding_sum(_features(pipeline.cfg), [(to_tensor(train.images), torch.as_tensor(train.labels))],
-                          train.num_classes)
-    entry = json.loads((root / "privacy.json").read_text())["entries"][1]
-    residual = noisy - exact
-    assert residual.std().item() == pytest.approx(entry["noise_multiplier"], rel=0.05)
+    """Reference: the exact sum recomputed from the training split; the difference is the noise."""
+    residual, sigma = release_residual(*warm_run, "warmstart")
+    assert residual.std().item() == pytest.approx(sigma, rel=0.05)
 
 
 def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache(warm_run, cache_dir):
