@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
 from privimage.errors import UserError
-from privimage.methods import METHODS, STAGE_TABLE
+from privimage.methods import METHODS, STAGE_TABLE, STAGES
 from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
 
-STAGE_COLUMNS = ("semantics", "warmstart", "pretrain", "finetune", "dpmerf", "sample", "evaluate")
+STAGE_COLUMNS = tuple(s for s in STAGES if s != "report")  # every stage that takes time, in run order
 
 
 def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:

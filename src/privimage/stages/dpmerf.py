@@ -105,7 +105,7 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
     Under torchrun rank 0 alone releases and fits (a release per rank would spend the budget once per
     rank); every rank then reads the same generator."""
     cfg, names, r = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.cfg.dpmerf
-    path = pipeline.run.root / stage / GENERATOR_FILE
+    path = generator_path(pipeline.run, stage)
     if distributed.is_main():
         noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
                                     planned=planned, name=name)
@@ -132,8 +132,12 @@ def load_generator(cfg: DictConfig, path: Path, num_classes: int, device: torch.
     return generator.to(device).eval()
 
 
+def generator_path(run: RunDir, stage: str) -> Path:
+    return run.root / stage / GENERATOR_FILE
+
+
 def model_file(run: RunDir) -> Path:
-    return run.root / "dpmerf" / GENERATOR_FILE
+    return generator_path(run, "dpmerf")
 
 
 def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> Callable:

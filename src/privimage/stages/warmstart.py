@@ -22,7 +22,7 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier
 from privimage.rundir import RunDir
-from privimage.stages.dpmerf import GENERATOR_FILE, fit_generator, generator_images, load_generator, release_name
+from privimage.stages.dpmerf import fit_generator, generator_images, generator_path, load_generator, release_name
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -39,7 +39,7 @@ def mechanism(cfg: DictConfig, num_samples: int = 0, earlier: list[Mechanism] = 
 
 
 def generator_file(run: RunDir) -> Path:
-    return run.root / STAGE / GENERATOR_FILE
+    return generator_path(run, STAGE)
 
 
 def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> ImageDataset:
