@@ -1,6 +1,6 @@
-"""Sampling throughput of the default model: images per second of an 18-step Heun sampler at batch 100.
+"""Sampling throughput of the default model: images per second of its sampler (sample.*) at batch 100.
 
-    python benchmarks/sampling.py [--preset default] [--batch 100 --steps 18] [key=value ...]
+    python benchmarks/sampling.py [--preset default] [--batch 100 --steps N] [key=value ...]
 
 The weights are random: the cost of sampling does not depend on them.
 """
@@ -22,7 +22,7 @@ def main() -> None:
     parser.add_argument("--preset", default="default")
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=18)
+    parser.add_argument("--steps", type=int, default=None, help="default: sample.steps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("overrides", nargs="*", help="config key=value, e.g. model.base_channels=32")
     args = parser.parse_args()
@@ -36,12 +36,14 @@ def main() -> None:
     shape = (channels, resolution, resolution)
     edm_sample(denoiser, labels[:2], shape=shape, num_classes=args.classes, steps=2)  # warm-up
 
+    steps = args.steps or cfg.sample.steps
     start = time.perf_counter()
-    edm_sample(denoiser, labels, shape=shape, num_classes=args.classes, steps=args.steps, solver="heun")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.sample.bf16):
+        edm_sample(denoiser, labels, shape=shape, num_classes=args.classes, steps=steps, solver="heun")
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in denoiser.parameters())
     print(f"{args.batch} images {channels}x{resolution}x{resolution}, {params:,} parameters, "
-          f"{args.steps} Heun steps ({2 * args.steps - 1} model calls), {torch.get_num_threads()} threads: "
+          f"{steps} Heun steps ({2 * steps - 1} model calls), bf16 {cfg.sample.bf16}, {torch.get_num_threads()} threads: "
           f"{seconds:.1f} s, {args.batch / seconds:.1f} img/s")
 
 

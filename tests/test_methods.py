@@ -62,12 +62,14 @@ def test_a_class_whose_noisy_size_is_below_one_is_read_as_one_image():
     assert torch.allclose(class_means(noisy), torch.tensor([[0.3, 0.4]]) / SIZE_WEIGHT)
 
 
-def test_the_generator_learns_to_match_target_means():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_generator_learns_to_match_target_means(bf16):
     phi = fixed_features(1 * 8 * 8, 200, 0.7, seed=0)
     targets = phi(torch.stack([torch.full((1, 8, 8), -0.8), torch.full((1, 8, 8), 0.8)]))
     generator = Generator(2, 1, 8, code_dim=4, width=8)
-    losses = train_generator(generator, phi, targets, steps=150, per_class=16, lr=1e-2, seed=0)
+    losses = train_generator(generator, phi, targets, steps=150, per_class=16, lr=1e-2, seed=0, bf16=bf16)
     assert losses[-1] < 0.2 * losses[0]
+    assert all(p.dtype == torch.float32 for p in generator.parameters())  # autocast leaves the weights float32
     generator.eval()
     with torch.no_grad():
         dark, light = (generator.sample(torch.full((16,), c), torch.Generator().manual_seed(0)).mean() for c in (0, 1))

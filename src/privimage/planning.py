@@ -83,7 +83,9 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
 
         def pretrain_step() -> None:
             optimizer.zero_grad()
-            loss_fn(net, to_tensor(x).to(device), y.to(device)).mean().backward()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.pretrain.bf16):
+                loss = loss_fn(net, to_tensor(x).to(device), y.to(device)).float().mean()
+            loss.backward()
             optimizer.step()
 
         f = cfg.finetune
@@ -99,7 +101,7 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         s = cfg.sample
         labels = torch.zeros(s.batch_size, dtype=torch.long, device=device)
         batch_shape = (s.batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
             sample_seconds = _seconds(lambda: edm_sample(net.eval(), labels, shape=batch_shape, num_classes=num_classes,
                                                          steps=2, guidance=s.guidance, solver="heun"))
         throughput = {
@@ -120,7 +122,8 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
         targets = torch.randn(num_classes, 2 * r.features, generator=generator) / math.sqrt(r.features)
         throughput["generator_step"] = _seconds(lambda: train_generator(
-            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0), repeats=1) / 2
+            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0, bf16=r.bf16),
+            repeats=1) / 2
     if cfg.evaluate.fid:
         from privimage.evaluation.fid import InceptionFeatures
 

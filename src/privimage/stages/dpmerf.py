@@ -112,7 +112,7 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
         generator = _build(cfg, len(names))
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
             train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=r.steps,
-                            per_class=r.per_class, lr=r.lr, seed=cfg.seed, progress=bar)
+                            per_class=r.per_class, lr=r.lr, seed=cfg.seed, bf16=r.bf16, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)

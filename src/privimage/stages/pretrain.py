@@ -77,8 +77,9 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
     """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
-    On CUDA the forward pass runs under bf16 autocast (weights, optimizer and EMA stay float32); DP
-    fine-tuning autocasts only with `finetune.bf16`, and its per-sample norms and clipping stay float32.
+    With `pretrain.bf16` the forward pass (and so the backward) runs under bf16 autocast, on a CPU too
+    (weights, optimizer and EMA stay float32): AVX-512 BF16 cores take a step faster than in float32,
+    and on a CPU budget steps are what accuracy follows (benchmarks/bf16_levers.py, README).
     """
     p = cfg.pretrain
     folder, num_classes = run.pretrain_dir, data.num_classes
@@ -101,8 +102,8 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
         for step in range(start, p.steps):
             index = torch.randint(len(labels), (per_rank,), generator=generator)
             x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = loss_fn(trained, x, labels[index].to(device)).mean()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16):
+                loss = loss_fn(trained, x, labels[index].to(device)).float().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

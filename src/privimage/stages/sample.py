@@ -44,7 +44,7 @@ def generate(
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
             x = edm_sample(net, batch, shape=(len(batch), *shape), num_classes=num_classes, steps=s.steps,
                            guidance=s.guidance, solver=s.solver, generator=generator)
         chunks.append(to_uint8(x.cpu()))

@@ -1,0 +1,83 @@
+"""bfloat16 on the CPU: seconds per pretraining step, per sampler batch and per DP-MERF generator update,
+float32 against the `bf16` keys (pretrain.bf16, sample.bf16, dpmerf.bf16), as ratios.
+
+    PYTHONPATH=src python benchmarks/bf16_levers.py [--repeats 5] [key=value ...]
+
+Random weights and data of the default shapes (cost does not depend on them); the variants take turns
+and the median of each is compared. Measured on AVX-512 BF16 cores; without them bf16 may be slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from privimage.config import load_config
+from privimage.diffusion.sampler import edm_sample
+from privimage.merf import Generator, fixed_features, train_generator
+from privimage.stages.pretrain import build_denoiser, diffusion_loss
+
+CLASSES = 10
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    cfg = load_config(overrides=args.overrides)
+    d, r, s = cfg.data, cfg.dpmerf, cfg.sample
+    torch.manual_seed(0)
+    net = build_denoiser(cfg, CLASSES)
+    loss_fn, optimizer = diffusion_loss(cfg, CLASSES), torch.optim.Adam(net.parameters(), lr=0.0)
+    x = torch.randn(cfg.pretrain.batch_size, d.channels, d.resolution, d.resolution)
+    y = torch.randint(0, CLASSES, (len(x),))
+    labels = torch.arange(s.batch_size) % CLASSES
+    generator = Generator(CLASSES, d.channels, d.resolution, code_dim=r.code_dim, width=r.width)
+    features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
+    targets = torch.randn(CLASSES, 2 * r.features) / math.sqrt(r.features)
+
+    def pretrain_step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(net, x, y).float().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    def sampler_batch(bf16: bool) -> None:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            edm_sample(net.eval(), labels, shape=(d.channels, d.resolution, d.resolution), num_classes=CLASSES,
+                       steps=2, guidance=s.guidance)
+        net.train()
+
+    def generator_update(bf16: bool) -> None:
+        train_generator(generator, features, targets, steps=1, per_class=r.per_class, lr=0.0, seed=0, bf16=bf16)
+
+    work: dict[str, Callable[[bool], None]] = {
+        f"pretraining step (batch {len(x)})": pretrain_step,
+        f"sampler, 2 Heun steps (batch {s.batch_size}, guidance {s.guidance:g})": sampler_batch,
+        f"DP-MERF generator update ({r.per_class * CLASSES} images)": generator_update,
+    }
+    times: dict[tuple[str, bool], list[float]] = {}
+    for name, fn in work.items():
+        for bf16 in (False, True):
+            fn(bf16)  # warm-up
+    for _ in range(args.repeats):
+        for name, fn in work.items():
+            for bf16 in (False, True):
+                started = time.perf_counter()
+                fn(bf16)
+                times.setdefault((name, bf16), []).append(time.perf_counter() - started)
+    print(f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    for name in work:
+        fp32, bf16 = (statistics.median(times[(name, b)]) for b in (False, True))
+        print(f"{name:55s} float32 {fp32:.3f} s  bf16 {bf16:.3f} s  {fp32 / bf16:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
