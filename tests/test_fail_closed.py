@@ -127,6 +127,20 @@ def test_a_second_process_on_the_same_run_directory_is_refused(finetuned, tmp_pa
     opened(quick(cache_dir), run).close()  # free again once the holder is done
 
 
+def test_what_killed_writes_left_is_removed_when_the_run_is_reopened(finetuned, tmp_path, cache_dir):
+    """A SIGKILL inside an atomic write leaves its temporary file behind (the resume test caught one of the
+    warm start's generator); reopening the run under its lock removes such files, and nothing else."""
+    run = copy_of(finetuned, tmp_path)
+    kept = [path for path in run.rglob("*") if path.is_file()]
+    leftovers = [run / "warmstart" / ".generator.safetensors.k1ll3d.tmp", run / ".synthetic.k1ll3d.tmp" / "0" / "0.png"]
+    for path in leftovers:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    opened(quick(cache_dir), run).close()
+    assert not leftovers[0].exists() and not (run / ".synthetic.k1ll3d.tmp").exists()
+    assert all(path.exists() for path in kept)
+
+
 @pytest.mark.parametrize("lost", ["privacy.json", "private/split.key"])
 def test_a_run_directory_with_results_but_no_ledger_or_split_key_is_refused(finetuned, tmp_path, cache_dir, lost):
     run = copy_of(finetuned, tmp_path)

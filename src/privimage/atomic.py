@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def remove_interrupted_writes(folder: Path) -> None:
+    """Delete the temporary files that killed writes left under `folder` (never renamed into place, so
+    never read). Only the holder of the folder's lock may call it: another writer's file may be in flight."""
+    for leftover in list(folder.rglob(f".*{TEMPORARY_SUFFIX}")):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -23,7 +37,7 @@ def atomic_path(path: str | os.PathLike, private: bool = False) -> Iterator[Path
     if private:
         make_private_dir(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.fchmod(fd, 0o600 if private else 0o666 & ~_umask())  # mkstemp makes 0600
     os.close(fd)
     tmp_path = Path(tmp)

@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from privimage import distributed
-from privimage.atomic import read_json, write_bytes, write_json, write_text
+from privimage.atomic import read_json, remove_interrupted_writes, write_bytes, write_json, write_text
 from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
 from privimage.errors import UserError
@@ -137,6 +137,7 @@ class Pipeline:
             try:
                 self.run.create()
                 self._lock = self.run.lock()
+                remove_interrupted_writes(self.run.root)
                 self._check_existing_run()
                 holds_results = self.run.holds_results()
                 write_text(self.run.config, to_yaml(self.cfg))

@@ -22,7 +22,7 @@ from privimage import distributed
 from privimage.data import ImageDataset, to_uint8
 from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
-from privimage.atomic import atomic_path, write_bytes
+from privimage.atomic import TEMPORARY_SUFFIX, atomic_path, write_bytes
 from privimage.rundir import RunDir
 from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 
@@ -66,7 +66,7 @@ def write_synthetic(run: RunDir, data: ImageDataset) -> None:
     with atomic_path(run.synthetic) as tmp:
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, images=data.images, labels=data.labels, class_names=np.array(data.class_names))
-    staging = Path(tempfile.mkdtemp(prefix=".synthetic.", dir=run.root))
+    staging = Path(tempfile.mkdtemp(prefix=".synthetic.", suffix=TEMPORARY_SUFFIX, dir=run.root))
     staging.chmod(0o755)  # mkdtemp makes it private to the owner
     try:
         for index, (image, label) in enumerate(zip(data.images, data.labels)):
