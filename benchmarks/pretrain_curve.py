@@ -15,32 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from privimage.config import load_config
-from privimage.evaluation.downstream import downstream_accuracy
-from privimage.pipeline import Pipeline
-from privimage.rundir import RunDir
-from privimage.stages.pretrain import load_denoiser, pretrain, pretraining_data
-from privimage.stages.sample import balanced_labels, generate
+from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base
+from privimage.stages.pretrain import pretrain, pretraining_data
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", type=Path, required=True, help="a run directory whose split to reuse")
-    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--at", type=lambda text: [int(n) for n in text.split(",")], required=True,
                         help="step counts to score, ascending, e.g. 500,1000,2000")
-    parser.add_argument("--split", choices=("train", "test"), default="train")
-    parser.add_argument("overrides", nargs="*")
+    add_arguments(parser)
     args = parser.parse_args()
-    cfg = load_config(config_file=args.base / "config.yaml", overrides=["minutes=null", *args.overrides])
-    pipeline = Pipeline(cfg, args.out, split_key=RunDir(args.base).split_key.read_bytes()).validate().create()
-    cfg, device, names = pipeline.cfg, pipeline.device, pipeline.sensitive_train.class_names
-    real = pipeline.sensitive_train if args.split == "train" else pipeline.sensitive_test
+    pipeline, real = open_on_base(args)
+    cfg = pipeline.cfg
     for stage in pipeline.stages()[:pipeline.stages().index("pretrain")]:
         pipeline.run_stage(stage)
     data = pretraining_data(pipeline)
@@ -48,13 +37,9 @@ def main() -> None:
     for steps in args.at:
         step_cfg = OmegaConf.merge(cfg, {"pretrain": {"steps": steps, "checkpoint_every": steps}})
         started = time.perf_counter()
-        pretrain(step_cfg, pipeline.run, data, device, model)  # resumes from the last step count's checkpoint
+        pretrain(step_cfg, pipeline.run, data, pipeline.device, model)  # resumes from the last count's checkpoint
         seconds += time.perf_counter() - started
-        net = load_denoiser(cfg, len(names), model, device)
-        synthetic = generate(net, names, balanced_labels(cfg.sample.n, len(names)), cfg, device,
-                             torch.Generator().manual_seed(cfg.seed))
-        accuracy = downstream_accuracy(synthetic, real.images, real.labels, classifiers=["cnn"],
-                                       epochs=cfg.evaluate.classifier_epochs, seed=cfg.seed, progress=False)["cnn"]
+        accuracy = cnn_accuracy(pipeline, diffusion_samples(pipeline, model), real)
         print(json.dumps({"steps": steps, "accuracy": accuracy, "pretrain_seconds": round(seconds, 1),
                           "split": args.split, "overrides": args.overrides}), flush=True)
     pipeline.close()
