@@ -16,11 +16,12 @@ import time
 from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from privimage.config import load_config
-from privimage.diffusion.sampler import edm_sample
 from privimage.merf import Generator, fixed_features, train_generator
-from privimage.stages.pretrain import build_denoiser, diffusion_loss
+from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
+from privimage.stages.sample import sample_batch
 
 CLASSES = 10
 
@@ -43,16 +44,10 @@ def main() -> None:
     targets = torch.randn(CLASSES, 2 * r.features) / math.sqrt(r.features)
 
     def pretrain_step(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(net, x, y).float().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        pretraining_step(net, loss_fn, optimizer, x, y, bf16=bf16)
 
     def sampler_batch(bf16: bool) -> None:
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            edm_sample(net.eval(), labels, shape=(d.channels, d.resolution, d.resolution), num_classes=CLASSES,
-                       steps=2, guidance=s.guidance)
+        sample_batch(net.eval(), labels, OmegaConf.merge(cfg, {"sample": {"bf16": bf16}}), CLASSES, steps=2)
         net.train()
 
     def generator_update(bf16: bool) -> None:
@@ -60,7 +55,7 @@ def main() -> None:
 
     work: dict[str, Callable[[bool], None]] = {
         f"pretraining step (batch {len(x)})": pretrain_step,
-        f"sampler, 2 Heun steps (batch {s.batch_size}, guidance {s.guidance:g})": sampler_batch,
+        f"sampler, 2 steps (batch {s.batch_size}, guidance {s.guidance:g})": sampler_batch,
         f"DP-MERF generator update ({r.per_class * CLASSES} images)": generator_update,
     }
     times: dict[tuple[str, bool], list[float]] = {}

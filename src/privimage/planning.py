@@ -24,9 +24,9 @@ from omegaconf import DictConfig
 
 from privimage.data import ImageDataset, to_tensor
 from privimage.stages.finetune import finetune_schedule
-from privimage.stages.pretrain import build_denoiser, diffusion_loss
+from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
+from privimage.stages.sample import sample_batch
 from privimage.errors import UserError
-from privimage.diffusion.sampler import edm_sample
 from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
 from privimage.merf import Generator, fixed_features, train_generator
@@ -82,11 +82,7 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         x, y = images(cfg.pretrain.batch_size), torch.randint(0, num_classes, (cfg.pretrain.batch_size,))
 
         def pretrain_step() -> None:
-            optimizer.zero_grad()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.pretrain.bf16):
-                loss = loss_fn(net, to_tensor(x).to(device), y.to(device)).float().mean()
-            loss.backward()
-            optimizer.step()
+            pretraining_step(net, loss_fn, optimizer, to_tensor(x).to(device), y.to(device), bf16=cfg.pretrain.bf16)
 
         f = cfg.finetune
         engine = DPSGD(net, loss_fn, clip_norm=f.clip_norm, noise_multiplier=1.0, expected_batch_size=1.0,
@@ -96,19 +92,17 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
         dp_seconds = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer))
 
-        # The sampler itself, two Heun steps (3 denoiser calls) on one batch of the configured size: its
-        # own overhead and the guided batch (conditional and unconditional passes together) included.
+        # The sampler itself, two steps on one batch of the configured size: its own overhead and the
+        # guided batch (conditional and unconditional passes together) included.
         s = cfg.sample
         labels = torch.zeros(s.batch_size, dtype=torch.long, device=device)
-        batch_shape = (s.batch_size, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            sample_seconds = _seconds(lambda: edm_sample(net.eval(), labels, shape=batch_shape, num_classes=num_classes,
-                                                         steps=2, guidance=s.guidance, solver="heun"))
+        sample_seconds = _seconds(lambda: sample_batch(net.eval(), labels, cfg, num_classes, steps=2))
+        calls = 3 if s.solver == "heun" else 2
         throughput = {
             "pretrain_step": _seconds(pretrain_step),
             "dp_sample": dp_seconds / dp_batch,
             # per image and denoiser call, counting a guided call as two images, as make_plan does
-            "denoiser_image": sample_seconds / (3 * s.batch_size * (2 if s.guidance else 1)),
+            "denoiser_image": sample_seconds / (calls * s.batch_size * (2 if s.guidance else 1)),
         }
         probe_images, probe_labels = images(PROBE_IMAGES).numpy(), (torch.arange(PROBE_IMAGES) % num_classes).numpy()
         for name in cfg.evaluate.classifiers:

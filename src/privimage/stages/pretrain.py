@@ -73,6 +73,17 @@ def diffusion_loss(cfg: DictConfig, num_classes: int) -> Callable:
     return loss
 
 
+def pretraining_step(net: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                     y: torch.Tensor, *, bf16: bool) -> torch.Tensor:
+    """One optimizer step on the batch's mean loss (returned); the planner's probe times this same step."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(net, x, y).float().mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path) -> None:
     """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
 
@@ -102,11 +113,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
         for step in range(start, p.steps):
             index = torch.randint(len(labels), (per_rank,), generator=generator)
             x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16):
-                loss = loss_fn(trained, x, labels[index].to(device)).float().mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = pretraining_step(trained, loss_fn, optimizer, x, labels[index].to(device), bf16=p.bf16)
             ema.update(net)
             if writer is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -32,6 +32,16 @@ if TYPE_CHECKING:
 GRID_COLUMNS = 10
 
 
+def sample_batch(net: torch.nn.Module, labels: torch.Tensor, cfg: DictConfig, num_classes: int, *, steps: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """One batch of images in [-1, 1] with the configured sampler (the planner's probe times this same call)."""
+    s = cfg.sample
+    shape = (len(labels), cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    with torch.inference_mode(), torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+        return edm_sample(net, labels, shape=shape, num_classes=num_classes, steps=steps, guidance=s.guidance,
+                          solver=s.solver, generator=generator)
+
+
 def generate(
     net: torch.nn.Module, class_names: tuple[str, ...], labels: torch.Tensor, cfg: DictConfig, device: torch.device,
     generator: torch.Generator,
@@ -44,9 +54,7 @@ def generate(
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            x = edm_sample(net, batch, shape=(len(batch), *shape), num_classes=num_classes, steps=s.steps,
-                           guidance=s.guidance, solver=s.solver, generator=generator)
+        x = sample_batch(net, batch, cfg, num_classes, steps=s.steps, generator=generator)
         chunks.append(to_uint8(x.cpu()))
     images = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
     pieces = distributed.gather((mine.numpy(), images))
