@@ -1,9 +1,10 @@
 """`--minutes M`: plan every stage's step counts from a short throughput probe on random data.
 
-The probe times one pretraining step, one DP-SGD step, the denoiser's forward pass, a few batches of
-classifier training and (with FID) Inception, all on random tensors of the run's shapes, never on
-sensitive images. So the plan, and the DP-SGD steps T and noise σ that follow from it, are fixed
-before any sensitive image is read, and leak nothing about it but the machine's speed.
+The probe times one pretraining step, one DP-SGD step, two sampler steps, a few batches of classifier
+training, (with the warm start) DP-MERF generator updates and (with FID) Inception, each the call its
+stage makes, all on random tensors of the run's shapes, never on sensitive images. So the plan, and
+the DP-SGD steps T and noise σ that follow from it, are fixed before any sensitive image is read, and
+leak nothing about it but the machine's speed.
 
 Fixed-size work (the semantic classifier, the warm start's generator, sampling `sample.n` images,
 evaluation) is planned at its configured size. What remains of the budget, less a safety margin, goes to pretraining and DP
