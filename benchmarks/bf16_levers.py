@@ -4,7 +4,8 @@ float32 against the `bf16` keys (pretrain.bf16, sample.bf16, dpmerf.bf16), as ra
     PYTHONPATH=src python benchmarks/bf16_levers.py [--repeats 5] [key=value ...]
 
 Random weights and data of the default shapes (cost does not depend on them); the variants take turns
-and the median of each is compared. Measured on AVX-512 BF16 cores; without them bf16 may be slower.
+and the median of each is compared. Which is faster differs between CPUs that all have AVX-512 BF16
+(README, "DP fine-tuning levers"): `bf16: auto` lets the planner time both on the machine at hand.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import time
 from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
 
 from privimage.config import load_config
 from privimage.merf import Generator, fixed_features, train_generator
@@ -47,7 +47,7 @@ def main() -> None:
         pretraining_step(net, loss_fn, optimizer, x, y, bf16=bf16)
 
     def sampler_batch(bf16: bool) -> None:
-        sample_batch(net.eval(), labels, OmegaConf.merge(cfg, {"sample": {"bf16": bf16}}), CLASSES, steps=2)
+        sample_batch(net.eval(), labels, cfg, CLASSES, steps=2, bf16=bf16)
         net.train()
 
     def generator_update(bf16: bool) -> None:

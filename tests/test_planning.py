@@ -3,11 +3,13 @@
 import json
 
 import pytest
+import torch
 
 from privimage import planning
 from privimage.config import load_config
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline
+from privimage.runtime import bf16_enabled
 
 THROUGHPUT = {"pretrain_step": 0.12, "dp_sample": 0.006, "denoiser_image": 0.0008, "classifier_cnn_image_epoch": 0.0005,
               "classifier_resnet_image_epoch": 0.0015, "inception_image": 0.15}  # about a 2-core machine
@@ -73,3 +75,64 @@ def test_evaluation_is_planned_for_every_classifier_it_trains():
     plain = load_config(None, None, ["evaluate.augment=0", "evaluate.reference=false"])
     every = load_config(None, None, ["evaluate.augment=1", "evaluate.reference=true"])
     assert planning.evaluations_per_classifier(plain) == 1 and planning.evaluations_per_classifier(every) == 3
+
+
+def test_auto_precision_keeps_the_faster_and_a_set_precision_is_timed_alone(monkeypatch):
+    assert [bf16_enabled("auto", torch.device(d)) for d in ("cpu", "cuda")] == [False, True]  # when no plan settles it
+    assert bf16_enabled(True, torch.device("cpu")) and not bf16_enabled(False, torch.device("cuda"))
+    timed = []
+
+    def medians(calls, repeats):  # the machine: float32 takes 2 s, bfloat16 1 s
+        timed.extend(calls)
+        return {bf16: 1.0 if bf16 else 2.0 for bf16 in calls}
+
+    monkeypatch.setattr(planning, "_medians", medians)
+    assert planning._faster("auto", lambda bf16: None) == (1.0, True, {"float32": 2.0, "bf16": 1.0})
+    timed.clear()
+    assert planning._faster(False, lambda bf16: None) == (2.0, False, {"float32": 2.0}) and timed == [False]
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+                              uses_pretraining=True, num_samples=4000, bf16={"pretrain": False, "sample": True})
+    overrides = plan.overrides()
+    assert overrides["pretrain"] == {"bf16": False, "steps": plan.pretrain_steps}
+    assert overrides["sample"] == {"bf16": True} and overrides["finetune"]["steps"] == plan.finetune_steps
+
+
+def test_pretraining_is_planned_again_to_the_seconds_left_and_the_rest_as_before():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+                              uses_pretraining=True, num_samples=4000)
+    after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
+    for seconds_left in (500.0, 700.0):
+        again = planning.replan_pretraining(plan, seconds_left)
+        assert again.finetune_steps == plan.finetune_steps  # DP-SGD's T, and so σ, never move
+        assert again.replanned_seconds_left == seconds_left
+        used = again.pretrain_steps * THROUGHPUT["pretrain_step"] + after
+        assert planning.REPLAN_SAFETY * seconds_left - THROUGHPUT["pretrain_step"] < used <= planning.REPLAN_SAFETY * seconds_left
+    assert planning.replan_pretraining(plan, 700.0).pretrain_steps > planning.replan_pretraining(plan, 500.0).pretrain_steps
+    assert planning.replan_pretraining(plan, 1.0).pretrain_steps == 1  # a late run still pretrains
+
+
+def test_the_replan_happens_once_per_run_directory_before_pretraining_starts(tmp_path, cache_dir, monkeypatch):
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30"])
+    pipeline = opened(cfg, tmp_path / "run")
+    first = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert first["replanned_seconds_left"] is None
+    pipeline.started -= 60  # a minute spent on the stages before pretraining
+    pipeline._replan_pretraining()
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert plan["replanned_seconds_left"] < 29 * 60
+    assert pipeline.cfg.pretrain.steps == plan["pretrain_steps"] != first["pretrain_steps"]
+    assert plan["finetune_steps"] == first["finetune_steps"]
+    saved = load_config(None, None, [], saved=tmp_path / "run" / "config.yaml")
+    assert saved.pretrain.steps == plan["pretrain_steps"]
+    pipeline.close()
+
+    def no_replan(*args, **kwargs):
+        raise AssertionError("a resumed run keeps its replanned steps")
+
+    monkeypatch.setattr("privimage.pipeline.replan_pretraining", no_replan)
+    again = opened(saved, tmp_path / "run")
+    again._replan_pretraining()
+    assert again.cfg.pretrain.steps == plan["pretrain_steps"]
+    again.close()

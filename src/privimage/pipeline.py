@@ -30,7 +30,8 @@ from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
 from privimage.errors import UserError
 from privimage.methods import METHODS, STAGE_TABLE, Method
-from privimage.planning import Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe
+from privimage.planning import (Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe,
+                                replan_pretraining)
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
@@ -107,7 +108,7 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        throughput = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
+        throughput, bf16 = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
         semantics_seconds = 0.0
         if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier
@@ -117,11 +118,30 @@ class Pipeline:
         seconds_left = 60 * self.cfg.minutes - (time.monotonic() - self.started)
         plan = make_plan(self.cfg, throughput, seconds_left, semantics_seconds=semantics_seconds,
                          evaluations_per_classifier=evaluations_per_classifier(self.cfg),
-                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
-        logger.info("plan for %g minutes: %s", self.cfg.minutes, json.dumps(
-            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
-             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
+                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train),
+                         bf16=bf16)
+        self._log_plan("plan for %g minutes: %s", plan)
         return plan
+
+    def _log_plan(self, message: str, plan: Plan) -> None:
+        logger.info(message, self.cfg.minutes, json.dumps(
+            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps, "bf16": plan.bf16,
+             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
+
+    def _replan_pretraining(self) -> None:
+        """Fit pretraining's steps to the seconds left when it starts (planning.replan_pretraining), once
+        per run directory, before its first step: a resumed run keeps the steps plan.json holds."""
+        if self.plan is None or self.plan.replanned_seconds_left is not None or self.run.pretrain_dir.exists():
+            return
+        plan = None
+        if distributed.is_main():  # plan.json first: a resumed run reads its steps from there
+            plan = replan_pretraining(self.plan, 60 * self.cfg.minutes - (time.monotonic() - self.started))
+            write_json(self.run.plan, plan.to_dict())
+        self.plan = distributed.broadcast(plan)
+        self.cfg = OmegaConf.merge(self.cfg, self.plan.overrides())
+        if distributed.is_main():
+            write_text(self.run.config, to_yaml(self.cfg))
+            self._log_plan("pretraining planned again for the %g minutes: %s", self.plan)
 
     def create(self) -> "Pipeline":
         """Lock and create (or reopen) the run directory, its config.yaml, ledger and split key.
@@ -247,6 +267,8 @@ class Pipeline:
         if not force and stage in self.stages() and self.is_done(stage):
             return StageResult(stage, skipped=True, seconds=0.0)
         self.check_runnable(stage)
+        if stage == "pretrain":
+            self._replan_pretraining()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)

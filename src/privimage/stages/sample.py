@@ -24,6 +24,7 @@ from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
 from privimage.atomic import TEMPORARY_SUFFIX, atomic_path, write_bytes
 from privimage.rundir import RunDir
+from privimage.runtime import bf16_enabled
 from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 
 if TYPE_CHECKING:
@@ -33,11 +34,11 @@ GRID_COLUMNS = 10
 
 
 def sample_batch(net: torch.nn.Module, labels: torch.Tensor, cfg: DictConfig, num_classes: int, *, steps: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 bf16: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """One batch of images in [-1, 1] with the configured sampler (the planner's probe times this same call)."""
     s = cfg.sample
     shape = (len(labels), cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    with torch.inference_mode(), torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=s.bf16):
+    with torch.inference_mode(), torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
         return edm_sample(net, labels, shape=shape, num_classes=num_classes, steps=steps, guidance=s.guidance,
                           solver=s.solver, generator=generator)
 
@@ -54,7 +55,8 @@ def generate(
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
-        x = sample_batch(net, batch, cfg, num_classes, steps=s.steps, generator=generator)
+        x = sample_batch(net, batch, cfg, num_classes, steps=s.steps,
+                         bf16=bf16_enabled(s.bf16, device), generator=generator)
         chunks.append(to_uint8(x.cpu()))
     images = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
     pieces = distributed.gather((mine.numpy(), images))
