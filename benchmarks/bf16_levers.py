@@ -4,8 +4,8 @@ float32 against the `bf16` keys (pretrain.bf16, sample.bf16, dpmerf.bf16), as ra
     PYTHONPATH=src python benchmarks/bf16_levers.py [--repeats 5] [key=value ...]
 
 Random weights and data of the default shapes (cost does not depend on them); the variants take turns
-and the median of each is compared. Which is faster differs between CPUs that all have AVX-512 BF16
-(README, "DP fine-tuning levers"): `bf16: auto` lets the planner time both on the machine at hand.
+and the median of each is compared. The ratios differ between CPUs that all have AVX-512 BF16 (README,
+"DP fine-tuning levers").
 """
 
 from __future__ import annotations

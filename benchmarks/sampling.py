@@ -14,7 +14,6 @@ import torch
 
 from privimage.config import load_config
 from privimage.diffusion import edm_sample
-from privimage.runtime import bf16_enabled
 from privimage.stages.pretrain import build_denoiser
 
 
@@ -38,14 +37,13 @@ def main() -> None:
     edm_sample(denoiser, labels[:2], shape=shape, num_classes=args.classes, steps=2)  # warm-up
 
     steps = args.steps or cfg.sample.steps
-    bf16 = bf16_enabled(cfg.sample.bf16, torch.device("cpu"))
     start = time.perf_counter()
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.sample.bf16):
         edm_sample(denoiser, labels, shape=shape, num_classes=args.classes, steps=steps, solver="heun")
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in denoiser.parameters())
     print(f"{args.batch} images {channels}x{resolution}x{resolution}, {params:,} parameters, "
-          f"{steps} Heun steps ({2 * steps - 1} model calls), bf16 {bf16}, {torch.get_num_threads()} threads: "
+          f"{steps} Heun steps ({2 * steps - 1} model calls), bf16 {cfg.sample.bf16}, {torch.get_num_threads()} threads: "
           f"{seconds:.1f} s, {args.batch / seconds:.1f} img/s")
 
 

@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from privimage import planning
 from privimage.config import load_config
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline
-from privimage.runtime import bf16_enabled
 
 THROUGHPUT = {"pretrain_step": 0.12, "dp_sample": 0.006, "denoiser_image": 0.0008, "classifier_cnn_image_epoch": 0.0005,
               "classifier_resnet_image_epoch": 0.0015, "inception_image": 0.15}  # about a 2-core machine
@@ -75,27 +73,6 @@ def test_evaluation_is_planned_for_every_classifier_it_trains():
     plain = load_config(None, None, ["evaluate.augment=0", "evaluate.reference=false"])
     every = load_config(None, None, ["evaluate.augment=1", "evaluate.reference=true"])
     assert planning.evaluations_per_classifier(plain) == 1 and planning.evaluations_per_classifier(every) == 3
-
-
-def test_auto_precision_keeps_the_faster_and_a_set_precision_is_timed_alone(monkeypatch):
-    assert [bf16_enabled("auto", torch.device(d)) for d in ("cpu", "cuda")] == [False, True]  # when no plan settles it
-    assert bf16_enabled(True, torch.device("cpu")) and not bf16_enabled(False, torch.device("cuda"))
-    timed = []
-
-    def medians(calls, repeats):  # the machine: float32 takes 2 s, bfloat16 1 s
-        timed.extend(calls)
-        return {bf16: 1.0 if bf16 else 2.0 for bf16 in calls}
-
-    monkeypatch.setattr(planning, "_medians", medians)
-    assert planning._faster("auto", lambda bf16: None) == (1.0, True, {"float32": 2.0, "bf16": 1.0})
-    timed.clear()
-    assert planning._faster(False, lambda bf16: None) == (2.0, False, {"float32": 2.0}) and timed == [False]
-    cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
-                              uses_pretraining=True, num_samples=4000, bf16={"pretrain": False, "sample": True})
-    overrides = plan.overrides()
-    assert overrides["pretrain"] == {"bf16": False, "steps": plan.pretrain_steps}
-    assert overrides["sample"] == {"bf16": True} and overrides["finetune"]["steps"] == plan.finetune_steps
 
 
 def test_pretraining_is_planned_again_to_the_seconds_left_and_the_rest_as_before():

@@ -108,7 +108,7 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        throughput, bf16 = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
+        throughput = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
         semantics_seconds = 0.0
         if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier
@@ -118,14 +118,13 @@ class Pipeline:
         seconds_left = 60 * self.cfg.minutes - (time.monotonic() - self.started)
         plan = make_plan(self.cfg, throughput, seconds_left, semantics_seconds=semantics_seconds,
                          evaluations_per_classifier=evaluations_per_classifier(self.cfg),
-                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train),
-                         bf16=bf16)
+                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
         self._log_plan("plan for %g minutes: %s", plan)
         return plan
 
     def _log_plan(self, message: str, plan: Plan) -> None:
         logger.info(message, self.cfg.minutes, json.dumps(
-            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps, "bf16": plan.bf16,
+            {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
              "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
 
     def _replan_pretraining(self) -> None:

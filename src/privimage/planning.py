@@ -11,9 +11,6 @@ evaluation) is planned at its configured size. What remains of the budget, less 
 fine-tuning, whose configured step counts are scaled by one common factor: the configured recipe
 keeps its proportions and grows or shrinks with the machine.
 
-A `bf16: auto` key is settled by the probe too: it times that stage's call in float32 and in bfloat16
-and the plan keeps the faster (which one is faster differs between CPUs of the same kind).
-
 When pretraining is about to start (the semantics and the warm start done), its step count is planned
 again from the seconds actually left (`replan_pretraining`). Pretraining reads no sensitive image, so
 its step count may follow the clock; DP-SGD's T stays as first planned, since σ was calibrated for it.
@@ -24,7 +21,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -57,101 +54,59 @@ class Plan:
     expected_seconds: dict[str, float]  # per stage
     pretrain_steps: int
     finetune_steps: int
-    bf16: dict[str, bool] = field(default_factory=dict)  # the probe's choice for each `bf16: auto` section
     replanned_seconds_left: float | None = None  # of the budget when pretraining's steps were planned again
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def overrides(self) -> dict:
-        sections = {section: {"bf16": bf16} for section, bf16 in self.bf16.items()}
-        sections.setdefault("pretrain", {})["steps"] = self.pretrain_steps
-        sections.setdefault("finetune", {}).update(steps=self.finetune_steps, epochs=None)
-        return sections
-
-
-def _medians(calls: dict, repeats: int) -> dict:
-    """Median seconds of each call over `repeats` rounds, after one warm-up call each. The calls take
-    turns within a round, so a machine that speeds up or slows down meanwhile favours none of them."""
-    for fn in calls.values():
-        fn()
-    times: dict = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(t) for key, t in times.items()}
+        return {"pretrain": {"steps": self.pretrain_steps}, "finetune": {"steps": self.finetune_steps, "epochs": None}}
 
 
 def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     """Median of `repeats` timed calls after one warm-up call (a loop runs at its typical speed, not its best)."""
-    return _medians({None: fn}, repeats)[None]
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
-def _faster(setting: bool | str, call: Callable[[bool], Callable[[], object]],
-            repeats: int = 3) -> tuple[float, bool, dict[str, float]]:
-    """Seconds of `call(bf16)` at the configured precision; under `auto` timed both ways, the faster kept.
-    Also the seconds of each precision timed, by name."""
-    timed = _medians({bf16: call(bf16) for bf16 in ((False, True) if setting == "auto" else (setting,))}, repeats)
-    best = min(timed, key=timed.get)
-    return timed[best], best, {("bf16" if bf16 else "float32"): t for bf16, t in timed.items()}
-
-
-def probe(cfg: DictConfig, num_classes: int, device: torch.device, *,
-          warm_start: bool = False) -> tuple[dict[str, float], dict[str, bool]]:
+def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start: bool = False) -> dict[str, float]:
     """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch;
-    with `warm_start`, per update of the DP-MERF generator (fitted to random target means). Also the
-    precision chosen for each section whose `bf16` is `auto`."""
+    with `warm_start`, per update of the DP-MERF generator (fitted to random target means)."""
     shape = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
     generator = torch.Generator().manual_seed(0)
-    throughput: dict[str, float] = {}
-    precision: dict[str, bool] = {}
 
     def images(n: int) -> torch.Tensor:
         return torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=generator)
-
-    def measure(name: str, section: str, call: Callable[[bool], Callable[[], object]], per: float = 1.0,
-                repeats: int = 3) -> None:
-        """throughput[name]: seconds per unit of `call(bf16)` at the section's precision (and each timed)."""
-        best, bf16, timed = _faster(cfg[section].bf16, call, repeats)
-        throughput[name] = best / per
-        if cfg[section].bf16 == "auto":
-            precision[section] = bf16
-            throughput.update({f"{name}_{kind}": t / per for kind, t in timed.items()})
 
     with seeded(0):
         net = build_denoiser(cfg, num_classes).to(device)
         loss_fn = diffusion_loss(cfg, num_classes)
         optimizer = torch.optim.Adam(net.parameters(), lr=0.0)
         x, y = images(cfg.pretrain.batch_size), torch.randint(0, num_classes, (cfg.pretrain.batch_size,))
-        measure("pretrain_step", "pretrain", lambda bf16: lambda: pretraining_step(
-            net, loss_fn, optimizer, to_tensor(x).to(device), y.to(device), bf16=bf16), repeats=5)
+        throughput = {"pretrain_step": _seconds(lambda: pretraining_step(
+            net, loss_fn, optimizer, to_tensor(x).to(device), y.to(device), bf16=cfg.pretrain.bf16), repeats=5)}
 
         f = cfg.finetune
-
-        def engine(bf16: bool) -> DPSGD:
-            return DPSGD(net, loss_fn, clip_norm=f.clip_norm, noise_multiplier=1.0, expected_batch_size=1.0,
-                         noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
-                         noise=GaussianNoise(seed=0), bf16=bf16)
-
-        dp_batch = engine(False).samples_per_chunk  # one chunk: the stage's unit of work
+        engine = DPSGD(net, loss_fn, clip_norm=f.clip_norm, noise_multiplier=1.0, expected_batch_size=1.0,
+                       noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
+                       noise=GaussianNoise(seed=0), bf16=f.bf16)
+        dp_batch = engine.samples_per_chunk  # one chunk: the stage's unit of work
         dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
-
-        def dp_step(bf16: bool) -> Callable[[], object]:
-            dp = engine(bf16)
-            return lambda: dp.step(to_tensor(dx).to(device), dy.to(device), optimizer)
-
-        measure("dp_sample", "finetune", dp_step, per=dp_batch, repeats=2)
+        throughput["dp_sample"] = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer),
+                                           repeats=2) / dp_batch
 
         # The sampler itself, one step (one denoiser call) on a batch of the configured size: its own
         # overhead and the guided batch (conditional and unconditional passes together) included.
         s = cfg.sample
         labels = torch.zeros(s.batch_size, dtype=torch.long, device=device)
         # per image and denoiser call, counting a guided call as two images, as make_plan does
-        measure("denoiser_image", "sample", lambda bf16: lambda: sample_batch(
-            net.eval(), labels, cfg, num_classes, steps=1, bf16=bf16), per=s.batch_size * (2 if s.guidance else 1),
-            repeats=2)
+        throughput["denoiser_image"] = _seconds(lambda: sample_batch(
+            net.eval(), labels, cfg, num_classes, steps=1, bf16=s.bf16)) / (s.batch_size * (2 if s.guidance else 1))
         probe_images, probe_labels = images(PROBE_IMAGES).numpy(), (torch.arange(PROBE_IMAGES) % num_classes).numpy()
         for name in cfg.evaluate.classifiers:
             model = CLASSIFIERS[name](cfg.data.channels, num_classes)
@@ -163,15 +118,16 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *,
         merf_generator = Generator(num_classes, d.channels, d.resolution, code_dim=r.code_dim, width=r.width).to(device)
         features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
         targets = torch.randn(num_classes, 2 * r.features, generator=generator) / math.sqrt(r.features)
-        measure("generator_step", "dpmerf", lambda bf16: lambda: train_generator(
-            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0, bf16=bf16), per=2)
+        throughput["generator_step"] = _seconds(lambda: train_generator(
+            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0, bf16=r.bf16),
+            repeats=1) / 2
     if cfg.evaluate.fid:
         from privimage.evaluation.fid import INCEPTION_BATCH, InceptionFeatures
 
         inception = InceptionFeatures(cfg.evaluate.fid_weights, device=str(device))
         sample = images(INCEPTION_BATCH).numpy()
         throughput["inception_image"] = _seconds(lambda: inception(sample), repeats=1) / INCEPTION_BATCH
-    return throughput, precision
+    return throughput
 
 
 def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.device) -> float:
@@ -197,8 +153,7 @@ def evaluations_per_classifier(cfg: DictConfig) -> int:
 
 
 def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
-              evaluations_per_classifier: int, uses_pretraining: bool, num_samples: int,
-              bf16: dict[str, bool] | None = None) -> Plan:
+              evaluations_per_classifier: int, uses_pretraining: bool, num_samples: int) -> Plan:
     """Scale the configured pretraining and DP-SGD steps so that the run ends within `seconds_left`."""
     s, e = cfg.sample, cfg.evaluate
     denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
@@ -228,8 +183,7 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
     expected["pretrain"] = planned_pretrain * throughput["pretrain_step"]
     expected["finetune"] = planned_finetune * dp_step
     return Plan(minutes=float(cfg.minutes), seconds_left=seconds_left, throughput=throughput,
-                expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune,
-                bf16=dict(bf16 or {}))
+                expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune)
 
 
 def replan_pretraining(plan: Plan, seconds_left: float) -> Plan:

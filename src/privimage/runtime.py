@@ -28,12 +28,6 @@ def resolve_device(name: str) -> torch.device:
     return local_device(device) if device.index is None else device
 
 
-def bf16_enabled(setting: bool | str, device: torch.device) -> bool:
-    """Whether a `bf16` key turns bfloat16 autocast on. An `auto` that no `--minutes` plan settled means
-    on for a GPU and off for a CPU, where which is faster depends on the chip (the planner times both)."""
-    return device.type == "cuda" if setting == "auto" else bool(setting)
-
-
 @contextmanager
 def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Torch's global generator seeded for the block and restored after it.

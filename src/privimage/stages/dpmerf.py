@@ -26,7 +26,7 @@ from privimage.merf import Generator, RandomFeatures, class_means, embedding_sum
 from privimage.privacy.accountant import FixedReleasesExceedTarget, Mechanism, calibrate_noise_multiplier
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
-from privimage.runtime import bf16_enabled, dp_noise_source, seeded
+from privimage.runtime import dp_noise_source, seeded
 from privimage.stages.sample import balanced_labels, write_synthetic
 
 if TYPE_CHECKING:
@@ -112,8 +112,7 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
         generator = _build(cfg, len(names))
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
             train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=r.steps,
-                            per_class=r.per_class, lr=r.lr, seed=cfg.seed,
-                            bf16=bf16_enabled(r.bf16, pipeline.device), progress=bar)
+                            per_class=r.per_class, lr=r.lr, seed=cfg.seed, bf16=r.bf16, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)

@@ -30,7 +30,7 @@ from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, 
 from privimage.privacy.dpsgd import DPSGD, poisson_batches
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
-from privimage.runtime import bf16_enabled, dp_noise_source, seeded
+from privimage.runtime import dp_noise_source, seeded
 from privimage.stages.pretrain import MODEL_FILE, build_denoiser, diffusion_loss, load_denoiser
 from privimage.stages.sample import generate
 
@@ -123,8 +123,7 @@ def finetune(
         net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
         noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0,
         expected_batch_size=mechanism.sample_rate * (planned_size or len(sensitive)),
-        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch, noise=noise,
-        bf16=bf16_enabled(f.bf16, device),
+        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch, noise=noise, bf16=f.bf16,
     )
     shard = distributed.shard(torch.arange(len(sensitive)))
     images = torch.as_tensor(sensitive.images[shard.numpy()], device=device)

@@ -34,7 +34,7 @@ from privimage.diffusion.training import Checkpointer, progress, scalars
 from privimage.diffusion.unet import UNet
 from privimage.errors import UserError
 from privimage.rundir import RunDir
-from privimage.runtime import bf16_enabled, seeded
+from privimage.runtime import seeded
 from privimage.stages.semantics import pretraining_set
 
 if TYPE_CHECKING:
@@ -113,8 +113,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
         for step in range(start, p.steps):
             index = torch.randint(len(labels), (per_rank,), generator=generator)
             x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
-            loss = pretraining_step(trained, loss_fn, optimizer, x, labels[index].to(device),
-                                     bf16=bf16_enabled(p.bf16, device))
+            loss = pretraining_step(trained, loss_fn, optimizer, x, labels[index].to(device), bf16=p.bf16)
             ema.update(net)
             if writer is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")

@@ -165,10 +165,8 @@ def _plan_section(run: RunDir) -> str:
     probe = ", ".join(f"{name} {value * 1000:.3g} ms" for name, value in plan["throughput"].items())
     replanned = plan.get("replanned_seconds_left")
     again = "" if replanned is None else f" (pretraining planned again with {replanned / 60:.1f} min left)"
-    precision = ", ".join(f"{section} {'bf16' if bf16 else 'float32'}" for section, bf16 in plan.get("bf16", {}).items())
     return (f"<p>Budget {plan['minutes']:g} min, {plan['seconds_left'] / 60:.1f} min left when planned: "
-            f"{plan['pretrain_steps']} pretraining steps{again}, {plan['finetune_steps']} DP-SGD steps."
-            + (f" Faster precision by the probe: {precision}." if precision else "") + "</p>"
+            f"{plan['pretrain_steps']} pretraining steps{again}, {plan['finetune_steps']} DP-SGD steps.</p>"
             + _table(["stage", "expected min", "measured min"], rows)
             + f"<p class=note>Probe on random data (per unit): {html.escape(probe)}</p>")
 

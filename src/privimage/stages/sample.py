@@ -24,7 +24,6 @@ from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
 from privimage.atomic import TEMPORARY_SUFFIX, atomic_path, write_bytes
 from privimage.rundir import RunDir
-from privimage.runtime import bf16_enabled
 from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 
 if TYPE_CHECKING:
@@ -56,7 +55,7 @@ def generate(
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
         x = sample_batch(net, batch, cfg, num_classes, steps=s.steps,
-                         bf16=bf16_enabled(s.bf16, device), generator=generator)
+                         bf16=s.bf16, generator=generator)
         chunks.append(to_uint8(x.cpu()))
     images = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
     pieces = distributed.gather((mine.numpy(), images))
