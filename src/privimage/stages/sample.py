@@ -54,8 +54,7 @@ def generate(
     chunks = []
     for start in tqdm(range(0, len(mine), s.batch_size), desc="sample", unit="batch", disable=not distributed.is_main()):
         batch = labels[mine[start:start + s.batch_size]].to(device)
-        x = sample_batch(net, batch, cfg, num_classes, steps=s.steps,
-                         bf16=s.bf16, generator=generator)
+        x = sample_batch(net, batch, cfg, num_classes, steps=s.steps, bf16=s.bf16, generator=generator)
         chunks.append(to_uint8(x.cpu()))
     images = np.concatenate(chunks) if chunks else np.zeros((0, *shape[1:], shape[0]), np.uint8)
     pieces = distributed.gather((mine.numpy(), images))
