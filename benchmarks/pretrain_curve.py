@@ -32,12 +32,12 @@ def main() -> None:
     cfg = pipeline.cfg
     for stage in pipeline.stages()[:pipeline.stages().index("pretrain")]:
         pipeline.run_stage(stage)
-    data = pretraining_data(pipeline)
+    data, weights = pretraining_data(pipeline)
     model, seconds = pipeline.run.pretrain_dir / "curve.safetensors", 0.0
     for steps in args.at:
         step_cfg = OmegaConf.merge(cfg, {"pretrain": {"steps": steps, "checkpoint_every": steps}})
         started = time.perf_counter()
-        pretrain(step_cfg, pipeline.run, data, pipeline.device, model)  # resumes from the last count's checkpoint
+        pretrain(step_cfg, pipeline.run, data, pipeline.device, model, weights)  # resumes from the last count's checkpoint
         seconds += time.perf_counter() - started
         accuracy = cnn_accuracy(pipeline, diffusion_samples(pipeline, model), real)
         print(json.dumps({"steps": steps, "accuracy": accuracy, "pretrain_seconds": round(seconds, 1),

@@ -5,12 +5,14 @@ import json
 import shutil
 
 import pytest
+from omegaconf import OmegaConf
 from merf_runs import finished_run, quick, release_residual
 
 from privimage.config import load_config
 from privimage.errors import UserError
 from privimage.methods import STAGE_TABLE
 from privimage.pipeline import Pipeline
+from privimage.stages.pretrain import pretraining_data
 from privimage.privacy.accountant import compose_epsilon
 
 
@@ -67,6 +69,18 @@ def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache
     # and it saw the public images plus the warm start's 30
     selected = json.loads((root / "semantics.json").read_text())["public_images"]
     assert json.loads((root / "stages" / "pretrain.json").read_text())["pretraining_images"] == selected + 30
+
+
+def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up(warm_run):
+    root, pipeline = warm_run
+    data, weights = pretraining_data(pipeline)
+    assert weights is None  # null: drawn uniformly from the set
+    shared = Pipeline(OmegaConf.merge(pipeline.cfg, {"pretrain": {"warm_start_share": 0.75}}), root)
+    same, weights = pretraining_data(shared)
+    assert len(same) == len(data) == len(weights)
+    assert weights[-30:].sum().item() == pytest.approx(0.75)  # the warm start's 30 come last
+    assert weights.sum().item() == pytest.approx(1.0)
+    assert weights[:-30].min() > 0  # every selected public image is still drawn
 
 
 def test_a_released_warm_start_whose_file_is_gone_or_whose_share_changed_refuses(warm_run, tmp_path, cache_dir):

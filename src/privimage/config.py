@@ -161,9 +161,11 @@ def validate(cfg: DictConfig) -> None:
            f"finetune.epochs must be null or > 0 (got {f.epochs})")
     _check(_is_number(f.batch_size) and f.batch_size >= 1, f"finetune.batch_size must be >= 1 (got {f.batch_size})")
     _check(_is_number(f.lr) and f.lr > 0, f"finetune.lr must be > 0 (got {f.lr})")
-    _check(f.lr_schedule in ("constant", "cosine"), f"finetune.lr_schedule must be constant or cosine (got {f.lr_schedule})")
-    _check(isinstance(f.warmup_steps, int) and f.warmup_steps >= 0,
-           f"finetune.warmup_steps must be an integer >= 0 (got {f.warmup_steps})")
+    for section, schedule in (("pretrain", cfg.pretrain), ("finetune", f)):
+        _check(schedule.lr_schedule in ("constant", "cosine"),
+               f"{section}.lr_schedule must be constant or cosine (got {schedule.lr_schedule})")
+        _check(isinstance(schedule.warmup_steps, int) and schedule.warmup_steps >= 0,
+               f"{section}.warmup_steps must be an integer >= 0 (got {schedule.warmup_steps})")
     _check(f.trainable in TRAINABLE, f"finetune.trainable must be one of {', '.join(TRAINABLE)} (got {f.trainable})")
     _check(isinstance(f.lora_rank, int) and f.lora_rank >= 1,
            f"finetune.lora_rank must be an integer >= 1 (got {f.lora_rank})")
@@ -194,6 +196,9 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(w.epsilon_share) and 0 <= w.epsilon_share < 1,
            f"warm_start.epsilon_share must be in [0, 1), 0 for no warm start (got {w.epsilon_share})")
     _check(isinstance(w.samples, int) and w.samples >= 1, f"warm_start.samples must be a positive integer (got {w.samples})")
+    share = cfg.pretrain.warm_start_share
+    _check(share is None or (_is_number(share) and 0 < share < 1),
+           f"pretrain.warm_start_share must be null or in (0, 1), the share of each batch (got {share})")
     uses_generator = {"dpmerf", "warmstart"} & set(method.stages_for(cfg))
     if uses_generator:
         _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(sorted(uses_generator))}) upsamples "

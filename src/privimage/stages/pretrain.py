@@ -30,7 +30,7 @@ from privimage.config import fingerprint
 from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.ema import EMA
-from privimage.diffusion.training import Checkpointer, progress, scalars
+from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
 from privimage.diffusion.unet import UNet
 from privimage.errors import UserError
 from privimage.rundir import RunDir
@@ -84,8 +84,12 @@ def pretraining_step(net: torch.nn.Module, loss_fn: Callable, optimizer: torch.o
     return loss
 
 
-def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path) -> None:
+def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path,
+             weights: torch.Tensor | None = None) -> None:
     """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
+
+    Batches are drawn with replacement, uniformly or with probabilities proportional to `weights`
+    (one per image). The learning rate follows `pretrain.lr_schedule` over `pretrain.steps`.
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     With `pretrain.bf16` the forward pass (and so the backward) runs under bf16 autocast, on a CPU too
@@ -111,7 +115,11 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
     with seeded(rank_seed + start, device), scalars(run.tensorboard / "pretrain") as writer, \
             progress("pretrain", start, p.steps) as bar:
         for step in range(start, p.steps):
-            index = torch.randint(len(labels), (per_rank,), generator=generator)
+            if weights is None:
+                index = torch.randint(len(labels), (per_rank,), generator=generator)
+            else:
+                index = torch.multinomial(weights, per_rank, replacement=True, generator=generator)
+            optimizer.param_groups[0]["lr"] = p.lr * lr_factor(p.lr_schedule, p.warmup_steps, step, p.steps)
             x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
             loss = pretraining_step(trained, loss_fn, optimizer, x, labels[index].to(device), bf16=p.bf16)
             ema.update(net)
@@ -143,20 +151,30 @@ def with_label_rows(tensors: dict[str, torch.Tensor], rows: np.ndarray) -> dict[
     return {**tensors, LABEL_EMBEDDING: embedding[keep].clone()}
 
 
-def pretraining_data(pipeline: Pipeline) -> ImageDataset:
+def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | None]:
     """The selected public semantics relabelled to the sensitive classes, or the public set (methods.py);
-    with the warm start's generator images (stages/warmstart.py) where the method runs it."""
+    with the warm start's generator images (stages/warmstart.py) where the method runs it.
+
+    Returns the images and their sampling weights: None (uniform) unless `pretrain.warm_start_share` sets
+    the share of each batch that the generator's images make up.
+    """
     if pipeline.method.pretraining_data != "selected":
-        return pipeline.public
+        return pipeline.public, None
     names = pipeline.sensitive_train.class_names
     selected = pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
     if "warmstart" not in pipeline.stages():
-        return selected
+        return selected, None
     from privimage.stages.warmstart import warm_start_images  # here: warmstart → dpmerf → sample → this module
 
     extra = warm_start_images(pipeline.cfg, pipeline.run, names, pipeline.device)
-    return ImageDataset(np.concatenate([selected.images[np.arange(len(selected))], extra.images]),
+    data = ImageDataset(np.concatenate([selected.images[np.arange(len(selected))], extra.images]),
                         np.concatenate([selected.labels, extra.labels]), names, name=f"{selected.name}+warm-start")
+    share = pipeline.cfg.pretrain.warm_start_share
+    if share is None:
+        return data, None
+    weights = torch.cat([torch.full((len(selected),), (1 - share) / len(selected), dtype=torch.float64),
+                         torch.full((len(extra),), share / len(extra), dtype=torch.float64)])
+    return data, weights
 
 
 def run(pipeline: Pipeline) -> None:
@@ -167,7 +185,7 @@ def run(pipeline: Pipeline) -> None:
     start's images is the run's own (post-processing of its release) and stays in the run directory.
     """
     cfg, run_dir = pipeline.cfg, pipeline.run
-    data, names = pretraining_data(pipeline), pipeline.sensitive_train.class_names
+    (data, weights), names = pretraining_data(pipeline), pipeline.sensitive_train.class_names
     shareable = "warmstart" not in pipeline.stages()
     pipeline.note("pretrain", pretraining_images=len(data))
     public_labels = pipeline.method.pretraining_data == "public"
@@ -182,7 +200,7 @@ def run(pipeline: Pipeline) -> None:
             _copy(cached, trained)
         pipeline.note("pretrain", reused_cached_model=True)
     else:
-        pretrain(cfg, run_dir, data, pipeline.device, trained)
+        pretrain(cfg, run_dir, data, pipeline.device, trained, weights)
         if shareable and distributed.is_main():
             try:
                 _copy(trained, cached)
