@@ -1,5 +1,6 @@
-"""bfloat16 on the CPU: seconds per pretraining step, per sampler batch and per DP-MERF generator update,
-float32 against the `bf16` keys (pretrain.bf16, sample.bf16, dpmerf.bf16), as ratios.
+"""bfloat16 on the CPU: seconds per pretraining step, per sampler batch, per DP-MERF generator update and
+per semantic-classifier step, float32 against the `bf16` keys (pretrain.bf16, sample.bf16, dpmerf.bf16,
+semantics.classifier.bf16), as ratios.
 
     PYTHONPATH=src python benchmarks/bf16_levers.py [--repeats 5] [key=value ...]
 
@@ -18,12 +19,14 @@ from typing import Callable
 
 import torch
 
+from privimage.classifiers import SmallCNN, train_classifier
 from privimage.config import load_config
 from privimage.merf import Generator, fixed_features, train_generator
 from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
 from privimage.stages.sample import sample_batch
 
 CLASSES = 10
+PUBLIC_CLASSES = 82  # the built-in public-mix's, which the semantic classifier learns
 
 
 def main() -> None:
@@ -42,6 +45,10 @@ def main() -> None:
     generator = Generator(CLASSES, d.channels, d.resolution, code_dim=r.code_dim, width=r.width)
     features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
     targets = torch.randn(CLASSES, 2 * r.features) / math.sqrt(r.features)
+    c = cfg.semantics.classifier
+    classifier = SmallCNN(d.channels, PUBLIC_CLASSES, width=c.width)
+    public_images = torch.randint(0, 256, (c.batch_size, d.resolution, d.resolution, d.channels), dtype=torch.uint8).numpy()
+    public_labels = (torch.arange(c.batch_size) % PUBLIC_CLASSES).numpy()
 
     def pretrain_step(bf16: bool) -> None:
         pretraining_step(net, loss_fn, optimizer, x, y, bf16=bf16)
@@ -53,10 +60,15 @@ def main() -> None:
     def generator_update(bf16: bool) -> None:
         train_generator(generator, features, targets, steps=1, per_class=r.per_class, lr=0.0, seed=0, bf16=bf16)
 
+    def classifier_step(bf16: bool) -> None:
+        train_classifier(classifier, public_images, public_labels, epochs=1, batch_size=c.batch_size, lr=0.0,
+                         augment=c.augment, bf16=bf16)
+
     work: dict[str, Callable[[bool], None]] = {
         f"pretraining step (batch {len(x)})": pretrain_step,
         f"sampler, 2 steps (batch {s.batch_size}, guidance {s.guidance:g})": sampler_batch,
         f"DP-MERF generator update ({r.per_class * CLASSES} images)": generator_update,
+        f"semantic classifier step (batch {c.batch_size}, augment {c.augment:g})": classifier_step,
     }
     times: dict[tuple[str, bool], list[float]] = {}
     for name, fn in work.items():

@@ -79,15 +79,17 @@ def test_balanced_epoch_draws_classes_equally_often():
     assert torch.equal(plain.sort().values, torch.arange(1000))
 
 
-@pytest.mark.parametrize("augment_strength, balanced", [(0.0, False), (0.5, True)])
-def test_train_classifier_learns_a_separable_task(augment_strength, balanced):
+@pytest.mark.parametrize("augment_strength, balanced, bf16", [(0.0, False, False), (0.5, True, False), (0.5, True, True)])
+def test_train_classifier_learns_a_separable_task(augment_strength, balanced, bf16):
     images, labels = corner_squares(96)
     test_images, test_labels = corner_squares(40, seed=1)
     model = ResNetGN(1, 4, width=8)
     trained = train_classifier(
-        model, images, labels, epochs=6, batch_size=16, lr=1e-2, augment=augment_strength, balanced=balanced
+        model, images, labels, epochs=6, batch_size=16, lr=1e-2, augment=augment_strength, balanced=balanced,
+        bf16=bf16,
     )
     assert trained is model and not model.training
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # bf16 autocasts; the weights stay float32
     assert accuracy(model, test_images, test_labels) >= 0.9
 
 

@@ -47,6 +47,7 @@ def test_saved_config_is_the_starting_point(tmp_path):
         ("pretrain.bf16=fast", "pretrain.bf16"),
         ("sample.bf16=0", "sample.bf16"),
         ("dpmerf.bf16=2", "dpmerf.bf16"),
+        ("semantics.classifier.bf16=2", "semantics.classifier.bf16"),
         ("finetune.lr=0", "finetune.lr"),
         ("finetune.ema=1", "finetune.ema"),
         ("evaluate.reference=2", "evaluate.reference"),

@@ -80,14 +80,32 @@ def test_pretraining_is_planned_again_to_the_seconds_left_and_the_rest_as_before
     plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
                               uses_pretraining=True, num_samples=4000)
     after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
+    as_planned = {"semantics": plan.expected_seconds["semantics"]}
     for seconds_left in (500.0, 700.0):
-        again = planning.replan_pretraining(plan, seconds_left)
+        again = planning.replan_pretraining(plan, seconds_left, as_planned)
         assert again.finetune_steps == plan.finetune_steps  # DP-SGD's T, and so σ, never move
-        assert again.replanned_seconds_left == seconds_left
+        assert again.replanned_seconds_left == seconds_left and again.slowdown == 1.0
         used = again.pretrain_steps * THROUGHPUT["pretrain_step"] + after
         assert planning.REPLAN_SAFETY * seconds_left - THROUGHPUT["pretrain_step"] < used <= planning.REPLAN_SAFETY * seconds_left
-    assert planning.replan_pretraining(plan, 700.0).pretrain_steps > planning.replan_pretraining(plan, 500.0).pretrain_steps
-    assert planning.replan_pretraining(plan, 1.0).pretrain_steps == 1  # a late run still pretrains
+    assert (planning.replan_pretraining(plan, 700.0, as_planned).pretrain_steps
+            > planning.replan_pretraining(plan, 500.0, as_planned).pretrain_steps)
+    assert planning.replan_pretraining(plan, 1.0, as_planned).pretrain_steps == 1  # a late run still pretrains
+
+
+def test_the_replan_expects_the_rest_as_much_slower_as_the_stages_run_so_far():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=2,
+                              uses_pretraining=True, num_samples=4000)
+    after = ("finetune", "sample", "evaluate", "report")
+    slow = planning.replan_pretraining(plan, 700.0, {"semantics": 90.0})  # 1.5x the 60 s planned
+    assert slow.slowdown == pytest.approx(1.5)
+    for stage in after:
+        assert slow.expected_seconds[stage] == pytest.approx(1.5 * plan.expected_seconds[stage])
+    used = slow.pretrain_steps * 1.5 * THROUGHPUT["pretrain_step"] + sum(slow.expected_seconds[s] for s in after)
+    assert used <= planning.REPLAN_SAFETY * 700.0
+    fast = planning.replan_pretraining(plan, 700.0, {"semantics": 30.0})  # faster than planned: no credit
+    assert fast.slowdown == 1.0 and fast.pretrain_steps > slow.pretrain_steps
+    assert fast.pretrain_steps == planning.replan_pretraining(plan, 700.0, {"semantics": 60.0}).pretrain_steps
 
 
 def test_the_replan_happens_once_per_run_directory_before_pretraining_starts(tmp_path, cache_dir, monkeypatch):

@@ -198,6 +198,7 @@ def train_classifier(
     device: str = "cpu",
     desc: str | None = None,
     data_parallel: bool = False,
+    bf16: bool = False,
 ) -> nn.Module:
     """Train `model` with cross-entropy, AdamW and a one-cycle schedule; return it in eval mode.
 
@@ -205,6 +206,8 @@ def train_classifier(
     `augment` is the strength given to `augment()`; `balanced` samples every class equally often,
     which keeps big public classes from absorbing the votes of a semantic query. With `data_parallel`
     (under torchrun; every rank must call) the model trains as DDP, each rank on its share of every batch.
+    `bf16` runs the forward pass under bfloat16 autocast (weights and AdamW stay float32): a speed lever
+    for the semantic classifier only; the downstream classifiers, which are the measure, train in float32.
     """
     generator = torch.Generator().manual_seed(seed)  # the same on every rank: one global batch order
     rank = distributed.rank() if data_parallel else 0
@@ -226,7 +229,8 @@ def train_classifier(
                     batch = distributed.shard(batch)  # each rank its share, DDP averages the gradients
                 x = to_tensor(images[batch.numpy()]).to(device)
                 x = _distort(x, distortions, augment)
-                loss = F.cross_entropy(trained(x), label_tensor[batch].to(device))
+                with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(trained(x), label_tensor[batch].to(device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -169,8 +169,9 @@ def validate(cfg: DictConfig) -> None:
     _check(f.trainable in TRAINABLE, f"finetune.trainable must be one of {', '.join(TRAINABLE)} (got {f.trainable})")
     _check(isinstance(f.lora_rank, int) and f.lora_rank >= 1,
            f"finetune.lora_rank must be an integer >= 1 (got {f.lora_rank})")
-    for section in ("pretrain", "finetune", "dpmerf", "sample"):
-        _check(isinstance(cfg[section].bf16, bool), f"{section}.bf16 must be true or false (got {cfg[section].bf16})")
+    for section in ("semantics.classifier", "pretrain", "finetune", "dpmerf", "sample"):
+        bf16 = OmegaConf.select(cfg, f"{section}.bf16")
+        _check(isinstance(bf16, bool), f"{section}.bf16 must be true or false (got {bf16})")
     _check(_is_number(f.ema) and 0 <= f.ema < 1, f"finetune.ema must be in [0, 1) (got {f.ema})")
     for section in ("pretrain", "finetune", "sample"):
         value = cfg[section].batch_size if section != "finetune" else f.max_physical_batch

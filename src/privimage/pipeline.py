@@ -134,7 +134,9 @@ class Pipeline:
             return
         plan = None
         if distributed.is_main():  # plan.json first: a resumed run reads its steps from there
-            plan = replan_pretraining(self.plan, 60 * self.cfg.minutes - (time.monotonic() - self.started))
+            markers = [self.run.stages / f"{stage}.json" for stage in self.stages()[:self.stages().index("pretrain")]]
+            plan = replan_pretraining(self.plan, 60 * self.cfg.minutes - (time.monotonic() - self.started),
+                                      {m.stem: read_json(m)["seconds"] for m in markers if m.exists()})
             write_json(self.run.plan, plan.to_dict())
         self.plan = distributed.broadcast(plan)
         self.cfg = OmegaConf.merge(self.cfg, self.plan.overrides())

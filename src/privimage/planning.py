@@ -14,6 +14,8 @@ keeps its proportions and grows or shrinks with the machine.
 When pretraining is about to start (the semantics and the warm start done), its step count is planned
 again from the seconds actually left (`replan_pretraining`). Pretraining reads no sensitive image, so
 its step count may follow the clock; DP-SGD's T stays as first planned, since σ was calibrated for it.
+Where the stages already run took longer than planned, the probe was optimistic for this machine (a
+short probe catches a CPU at its burst speed): the rest of the plan is slowed by the same ratio.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Plan:
     pretrain_steps: int
     finetune_steps: int
     replanned_seconds_left: float | None = None  # of the budget when pretraining's steps were planned again
+    slowdown: float | None = None  # at the replan: the stages run so far, actual over expected seconds (>= 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,7 +145,7 @@ def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.d
     with seeded(0):
         model = build_classifier(cfg, public)
         seconds = _seconds(lambda: train_classifier(model, images, labels, epochs=1, batch_size=c.batch_size,
-                                                    augment=c.augment, device=str(device)), repeats=1)
+                                                    augment=c.augment, device=str(device), bf16=c.bf16), repeats=1)
     return seconds / PROBE_IMAGES
 
 
@@ -186,11 +189,19 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
                 expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune)
 
 
-def replan_pretraining(plan: Plan, seconds_left: float) -> Plan:
-    """The plan with pretraining's steps fitted to the `seconds_left` when it starts, the stages after
-    it as first planned. Never fewer than one step: a run that is late still trains."""
-    after = sum(plan.expected_seconds[stage] for stage in ("finetune", "sample", "evaluate", "report"))
-    step = plan.throughput["pretrain_step"]
-    steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - after) / step))
-    return replace(plan, pretrain_steps=steps, expected_seconds={**plan.expected_seconds, "pretrain": steps * step},
-                   replanned_seconds_left=seconds_left)
+def replan_pretraining(plan: Plan, seconds_left: float, stage_seconds: dict[str, float]) -> Plan:
+    """The plan with pretraining's steps fitted to the `seconds_left` when it starts.
+
+    `stage_seconds` are the actual seconds of the stages already run. Where they took longer than
+    planned, pretraining's step and the stages after it are expected to take longer by the same ratio;
+    where they were faster, the plan stays as it was (a fast start is no promise). Never fewer than one
+    step: a run that is late still trains.
+    """
+    planned = sum(plan.expected_seconds.get(stage, 0.0) for stage in stage_seconds)
+    slowdown = max(1.0, sum(stage_seconds.values()) / planned) if planned > 0 else 1.0
+    after = ("finetune", "sample", "evaluate", "report")
+    expected = {**plan.expected_seconds, **{stage: slowdown * plan.expected_seconds[stage] for stage in after}}
+    step = slowdown * plan.throughput["pretrain_step"]
+    steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[stage] for stage in after)) / step))
+    return replace(plan, pretrain_steps=steps, expected_seconds={**expected, "pretrain": steps * step},
+                   replanned_seconds_left=seconds_left, slowdown=slowdown)

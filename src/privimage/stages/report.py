@@ -164,7 +164,8 @@ def _plan_section(run: RunDir) -> str:
             for stage, seconds in plan["expected_seconds"].items()]
     probe = ", ".join(f"{name} {value * 1000:.3g} ms" for name, value in plan["throughput"].items())
     replanned = plan.get("replanned_seconds_left")
-    again = "" if replanned is None else f" (pretraining planned again with {replanned / 60:.1f} min left)"
+    again = "" if replanned is None else (f" (pretraining planned again with {replanned / 60:.1f} min left, the rest"
+                                          f" expected {plan.get('slowdown') or 1:.2f}x slower than probed)")
     return (f"<p>Budget {plan['minutes']:g} min, {plan['seconds_left'] / 60:.1f} min left when planned: "
             f"{plan['pretrain_steps']} pretraining steps{again}, {plan['finetune_steps']} DP-SGD steps.</p>"
             + _table(["stage", "expected min", "measured min"], rows)

@@ -83,7 +83,7 @@ def semantic_classifier(
     train_classifier(
         model, train.images, train.labels, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
         augment=c.augment, balanced=True, seed=cfg.seed, device=str(device), desc="semantic classifier",
-        data_parallel=distributed.is_distributed(),
+        data_parallel=distributed.is_distributed(), bf16=c.bf16,
     )
     predicted = predict_logits(model, holdout.images, device=str(device), reduce=lambda logits: logits.argmax(1))
     accuracy = float((predicted.numpy() == holdout.labels).mean()) if n_holdout else float("nan")
