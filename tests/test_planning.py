@@ -7,7 +7,10 @@ import pytest
 from privimage import planning
 from privimage.config import load_config
 from privimage.errors import UserError
+from privimage.checkpoint import load_checkpoint
 from privimage.pipeline import Pipeline
+from privimage.stages import pretrain as pretrain_stage
+from privimage.stages import report as report_stage
 
 THROUGHPUT = {"pretrain_step": 0.12, "dp_sample": 0.006, "denoiser_image": 0.0008, "classifier_cnn_image_epoch": 0.0005,
               "classifier_resnet_image_epoch": 0.0015, "inception_image": 0.15}  # about a 2-core machine
@@ -131,3 +134,42 @@ def test_the_replan_happens_once_per_run_directory_before_pretraining_starts(tmp
     again._replan_pretraining()
     assert again.cfg.pretrain.steps == plan["pretrain_steps"]
     again.close()
+
+
+def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_stages_after_it():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+                              uses_pretraining=True, num_samples=4000)
+    plan = planning.replan_pretraining(plan, 800.0, {"semantics": plan.expected_seconds["semantics"]})
+    step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
+    after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
+    margin = planning.STOP_MARGIN * 60 * plan.minutes
+    half = plan.pretrain_steps // 2
+    # On the planned pace, the replan's spare seconds are still there at the last step: no stop.
+    at_the_end = 800.0 - plan.expected_seconds["pretrain"]
+    assert not planning.pretraining_is_late(plan, at_the_end, plan.pretrain_steps, plan.expected_seconds["pretrain"])
+    # 1.3x slower: the stages after it are expected 1.3x slower too.
+    slow = 1.3 * half * step
+    assert planning.pretraining_is_late(plan, 1.3 * after + margin - 1.0, half, slow)
+    assert not planning.pretraining_is_late(plan, 1.3 * after + margin + 1.0, half, slow)
+    # Faster than planned earns no credit: the stages after it are still expected as planned.
+    assert planning.pretraining_is_late(plan, after + margin - 1.0, half, 0.5 * half * step)
+
+
+def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_dir, monkeypatch):
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30", "warm_start.epsilon_share=0"])
+    pipeline = opened(cfg, tmp_path / "run")
+    pipeline.run_stage("semantics")
+    pipeline._replan_pretraining()
+    planned = pipeline.cfg.pretrain.steps
+    assert planned > 2 * pretrain_stage.LATE_CHECK_EVERY
+    monkeypatch.setattr(planning, "pretraining_is_late", lambda plan, left, steps, seconds: True)
+    cached = set((cache_dir / "pretrained").glob("*"))
+    pipeline.run_stage("pretrain")
+    marker = json.loads((tmp_path / "run" / "stages" / "pretrain.json").read_text())
+    assert marker["stopped_early_at"] == pretrain_stage.LATE_CHECK_EVERY < planned
+    _, meta = load_checkpoint(tmp_path / "run" / "pretrain" / pretrain_stage.MODEL_FILE)
+    assert int(meta["steps"]) == pretrain_stage.LATE_CHECK_EVERY
+    assert set((cache_dir / "pretrained").glob("*")) == cached  # a model short of its steps is never shared
+    assert f"stopped after {pretrain_stage.LATE_CHECK_EVERY}" in report_stage._plan_section(pipeline.run)
+    pipeline.close()

@@ -44,6 +44,7 @@ from privimage.runtime import seeded
 SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the probe is not exact
 # Planned again when pretraining starts, only what is left is uncertain: pretraining itself and the stages after it.
 REPLAN_SAFETY = 0.92
+STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early (pretraining_is_late)
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 
@@ -205,3 +206,17 @@ def replan_pretraining(plan: Plan, seconds_left: float, stage_seconds: dict[str,
     steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[stage] for stage in after)) / step))
     return replace(plan, pretrain_steps=steps, expected_seconds={**expected, "pretrain": steps * step},
                    replanned_seconds_left=seconds_left, slowdown=slowdown)
+
+
+def pretraining_is_late(plan: Plan, seconds_left: float, steps_done: int, seconds_so_far: float) -> bool:
+    """Whether pretraining should stop before its planned steps to keep the budget.
+
+    The machine may slow down after the probe (a shared host, a throttled chip). Pretraining measures its
+    own pace against the plan's; it stops once the stages after it, expected that much slower too, and
+    a margin of STOP_MARGIN of the budget, no longer fit in the `seconds_left`. Pretraining reads no
+    sensitive image, so where it stops leaks nothing; DP-SGD's T and σ do not change.
+    """
+    planned_step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
+    pace = max(1.0, seconds_so_far / (steps_done * planned_step))
+    after = sum(plan.expected_seconds.get(stage, 0.0) for stage in ("finetune", "sample", "evaluate", "report"))
+    return seconds_left < pace * after + STOP_MARGIN * 60 * plan.minutes

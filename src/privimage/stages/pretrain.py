@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
+LATE_CHECK_EVERY = 25  # steps: often enough to stop within seconds, seldom enough that the pace is measured
 LABEL_EMBEDDING = "unet.class_embed.weight"  # one row per class, the null class last
 
 
@@ -85,11 +87,14 @@ def pretraining_step(net: torch.nn.Module, loss_fn: Callable, optimizer: torch.o
 
 
 def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path,
-             weights: torch.Tensor | None = None) -> None:
+             weights: torch.Tensor | None = None, is_late: Callable[[int, float], bool] | None = None) -> int:
     """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
+    Returns the steps trained.
 
     Batches are drawn with replacement, uniformly or with probabilities proportional to `weights`
     (one per image). The learning rate follows `pretrain.lr_schedule` over `pretrain.steps`.
+    `is_late(steps, seconds)`, asked every LATE_CHECK_EVERY steps with the steps and seconds of this
+    call, stops the training early (a time budget: planning.pretraining_is_late).
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     With `pretrain.bf16` the forward pass (and so the backward) runs under bf16 autocast, on a CPU too
@@ -111,6 +116,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
     rank_seed = distributed.rank_seed(cfg.seed)
     generator = torch.Generator().manual_seed(rank_seed + start)
     net.train()
+    began, done = time.monotonic(), start
     # Diffusion noise: each rank and each resumed segment its own.
     with seeded(rank_seed + start, device), scalars(run.tensorboard / "pretrain") as writer, \
             progress("pretrain", start, p.steps) as bar:
@@ -127,11 +133,18 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 writer.add_scalar("pretrain/loss", loss.item(), step + 1)
             bar.update()
-            if (step + 1) % p.checkpoint_every == 0 or step + 1 == p.steps:
-                checkpoint.save(step + 1)
+            done = step + 1
+            late = is_late is not None and (done - start) % LATE_CHECK_EVERY == 0 and distributed.broadcast(
+                is_late(done - start, time.monotonic() - began) if distributed.is_main() else None)
+            if late or done % p.checkpoint_every == 0 or done == p.steps:
+                checkpoint.save(done)
+            if late:
+                logger.info("pretrain: stopped after %d of %d steps to keep the time budget", done, p.steps)
+                break
     if distributed.is_main():
-        save_checkpoint(target, ema.module.state_dict(), {"stage": "pretrain", "steps": p.steps})
+        save_checkpoint(target, ema.module.state_dict(), {"stage": "pretrain", "steps": done})
     distributed.barrier()
+    return done
 
 
 def label_rows(num_public: int, num_sensitive: int, seed: int) -> np.ndarray:
@@ -200,8 +213,10 @@ def run(pipeline: Pipeline) -> None:
             _copy(cached, trained)
         pipeline.note("pretrain", reused_cached_model=True)
     else:
-        pretrain(cfg, run_dir, data, pipeline.device, trained, weights)
-        if shareable and distributed.is_main():
+        steps = pretrain(cfg, run_dir, data, pipeline.device, trained, weights, is_late=_budget_check(pipeline))
+        if steps < cfg.pretrain.steps:
+            pipeline.note("pretrain", stopped_early_at=steps)  # a model short of its steps is never cached
+        elif shareable and distributed.is_main():
             try:
                 _copy(trained, cached)
             except OSError as error:
@@ -212,6 +227,16 @@ def run(pipeline: Pipeline) -> None:
             save_checkpoint(run_dir.pretrain_dir / MODEL_FILE, with_label_rows(tensors, rows), meta)
         pipeline.note("pretrain", label_rows={name: data.class_names[row] for name, row in zip(names, rows)})
     distributed.barrier()
+
+
+def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
+    """With `minutes`, whether pretraining is late for the budget (planning.pretraining_is_late)."""
+    if pipeline.plan is None:
+        return None
+    from privimage.planning import pretraining_is_late  # here: planning → finetune → this module
+
+    plan, end = pipeline.plan, pipeline.started + 60 * pipeline.cfg.minutes
+    return lambda steps, seconds: pretraining_is_late(plan, end - time.monotonic(), steps, seconds)
 
 
 def _copy(source: Path, target: Path) -> None:

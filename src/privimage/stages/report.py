@@ -166,8 +166,11 @@ def _plan_section(run: RunDir) -> str:
     replanned = plan.get("replanned_seconds_left")
     again = "" if replanned is None else (f" (pretraining planned again with {replanned / 60:.1f} min left, the rest"
                                           f" expected {plan.get('slowdown') or 1:.2f}x slower than probed)")
+    pretrained = run.stages / "pretrain.json"
+    stopped = read_json(pretrained).get("stopped_early_at") if pretrained.exists() else None
+    late = "" if stopped is None else f" (stopped after {stopped}: the machine ran slower than planned)"
     return (f"<p>Budget {plan['minutes']:g} min, {plan['seconds_left'] / 60:.1f} min left when planned: "
-            f"{plan['pretrain_steps']} pretraining steps{again}, {plan['finetune_steps']} DP-SGD steps.</p>"
+            f"{plan['pretrain_steps']} pretraining steps{again}{late}, {plan['finetune_steps']} DP-SGD steps.</p>"
             + _table(["stage", "expected min", "measured min"], rows)
             + f"<p class=note>Probe on random data (per unit): {html.escape(probe)}</p>")
 
