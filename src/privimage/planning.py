@@ -45,6 +45,7 @@ SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the
 # Planned again when pretraining starts, only what is left is uncertain: pretraining itself and the stages after it.
 REPLAN_SAFETY = 0.92
 STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early (pretraining_is_late)
+AFTER_PRETRAINING = ("finetune", "sample", "evaluate", "report")  # the stages a late pretraining must leave time for
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 
@@ -200,10 +201,10 @@ def replan_pretraining(plan: Plan, seconds_left: float, stage_seconds: dict[str,
     """
     planned = sum(plan.expected_seconds.get(stage, 0.0) for stage in stage_seconds)
     slowdown = max(1.0, sum(stage_seconds.values()) / planned) if planned > 0 else 1.0
-    after = ("finetune", "sample", "evaluate", "report")
-    expected = {**plan.expected_seconds, **{stage: slowdown * plan.expected_seconds[stage] for stage in after}}
+    expected = {**plan.expected_seconds,
+                **{stage: slowdown * plan.expected_seconds[stage] for stage in AFTER_PRETRAINING}}
     step = slowdown * plan.throughput["pretrain_step"]
-    steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[stage] for stage in after)) / step))
+    steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[s] for s in AFTER_PRETRAINING)) / step))
     return replace(plan, pretrain_steps=steps, expected_seconds={**expected, "pretrain": steps * step},
                    replanned_seconds_left=seconds_left, slowdown=slowdown)
 
@@ -218,5 +219,5 @@ def pretraining_is_late(plan: Plan, seconds_left: float, steps_done: int, second
     """
     planned_step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
     pace = max(1.0, seconds_so_far / (steps_done * planned_step))
-    after = sum(plan.expected_seconds.get(stage, 0.0) for stage in ("finetune", "sample", "evaluate", "report"))
+    after = sum(plan.expected_seconds.get(stage, 0.0) for stage in AFTER_PRETRAINING)
     return seconds_left < pace * after + STOP_MARGIN * 60 * plan.minutes
