@@ -9,6 +9,7 @@ test split (`--split test`, for a final choice only).
 
   PYTHONPATH=src python benchmarks/warm_start_levers.py --base runs/base --out runs/warm/a \
       pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 dpmerf.steps=200 ...]
+`--until warmstart` scores the generator alone (a minute or two: the quick way to compare releases).
 Prints one JSON line: the variant, the three accuracies, ε spent, stage seconds.
 """
 
@@ -23,15 +24,18 @@ from privimage.stages.dpmerf import generator_images, load_generator
 from privimage.stages.pretrain import MODEL_FILE
 from privimage.stages.warmstart import generator_file
 
+STAGES = ("semantics", "warmstart", "pretrain", "finetune")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--until", choices=STAGES, default=STAGES[-1], help="the last stage to run and score")
     add_arguments(parser)
     args = parser.parse_args()
     pipeline, real = open_on_base(args)
     cfg, device, names = pipeline.cfg, pipeline.device, pipeline.sensitive_train.class_names
     accuracy, seconds = {}, {}
-    for stage in ("semantics", "warmstart", "pretrain", "finetune"):
+    for stage in STAGES[:STAGES.index(args.until) + 1]:
         seconds[stage] = round(pipeline.run_stage(stage).seconds, 1)
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
