@@ -35,6 +35,19 @@ def test_dp_sgd_is_calibrated_for_what_the_query_and_the_warm_start_leave(cache_
     assert mechanisms[-1].noise_multiplier > without.planned_mechanisms()[-1].noise_multiplier
 
 
+@pytest.mark.parametrize("share, names_the_share", [(0.8, True), (0, False)])
+def test_a_budget_the_releases_before_dp_sgd_use_up_is_refused_naming_what_to_change(share, names_the_share):
+    # ε = 0.5: the query (ε 0.375 alone) and 0.8 of ε leave DP-SGD nothing; ε = 0.05: the query alone is too much.
+    epsilon = 0.5 if share else 0.05
+    cfg = load_config("default", overrides=[f"privacy.epsilon={epsilon}", f"warm_start.epsilon_share={share}"])
+    earlier = [STAGE_TABLE["semantics"].module.mechanism(cfg)]
+    if share:
+        earlier.append(STAGE_TABLE["warmstart"].module.mechanism(cfg))
+    with pytest.raises(UserError, match="semantics.query_sigma") as refused:
+        STAGE_TABLE["finetune"].module.mechanism(cfg, 4000, earlier)
+    assert ("warm_start.epsilon_share" in str(refused.value)) == names_the_share
+
+
 @pytest.mark.parametrize("share", [-0.1, 1.0, "half"])
 def test_an_epsilon_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, share):
     with pytest.raises(UserError, match="warm_start.epsilon_share must be in"):

@@ -58,7 +58,8 @@ def plan_finetune(cfg: DictConfig, num_samples: float, fixed: list[Mechanism]) -
         sigma = calibrate_noise_multiplier(cfg.privacy.epsilon, cfg.privacy.delta, sample_rate, steps, fixed=fixed,
                                            accountant=cfg.privacy.accountant)
     except FixedReleasesExceedTarget as error:
-        raise UserError(f"{error}: raise semantics.query_sigma or privacy.epsilon, or lower warm_start.epsilon_share") from None
+        warm_start = ", or lower warm_start.epsilon_share" if cfg.warm_start.epsilon_share > 0 else ""
+        raise UserError(f"{error}: raise semantics.query_sigma or privacy.epsilon{warm_start}") from None
     except NoiseBeyondLimit as error:
         raise UserError(f"{error}: raise privacy.epsilon or lower finetune.steps") from None
     return Mechanism(sigma, sample_rate, steps)
