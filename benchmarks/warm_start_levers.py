@@ -9,7 +9,8 @@ test split (`--split test`, for a final choice only).
 
   PYTHONPATH=src python benchmarks/warm_start_levers.py --base runs/base --out runs/warm/a \
       pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 dpmerf.steps=200 ...]
-`--until warmstart` scores the generator alone (a minute or two: the quick way to compare releases).
+`--until warmstart` scores the generator alone, its images median-filtered as pretraining sees them (a minute
+or two: the quick way to compare releases).
 Prints one JSON line: the variant, the three accuracies, ε spent, stage seconds.
 """
 
@@ -20,9 +21,10 @@ import json
 
 from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base
 from privimage.atomic import read_json
+from privimage.data import ImageDataset
 from privimage.stages.dpmerf import generator_images, load_generator
 from privimage.stages.pretrain import MODEL_FILE
-from privimage.stages.warmstart import generator_file
+from privimage.stages.warmstart import despeckle, generator_file
 
 STAGES = ("semantics", "warmstart", "pretrain", "finetune")
 
@@ -39,8 +41,9 @@ def main() -> None:
         seconds[stage] = round(pipeline.run_stage(stage).seconds, 1)
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
-            accuracy["generator"] = cnn_accuracy(pipeline, generator_images(generator, cfg.sample.n, names,
-                                                                            cfg.seed + 1), real)
+            drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
+            filtered = ImageDataset(despeckle(drawn.images, cfg.warm_start.median_filter), drawn.labels, names)
+            accuracy["generator"] = cnn_accuracy(pipeline, filtered, real)  # as pretraining sees them
         elif stage == "pretrain":
             accuracy["pretrained"] = cnn_accuracy(pipeline, diffusion_samples(pipeline, pipeline.run.pretrain_dir
                                                                               / MODEL_FILE), real)

@@ -4,6 +4,7 @@ pretraining, DP-SGD calibrated for the rest of the budget."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from merf_runs import finished_run, quick, release_residual
@@ -13,6 +14,7 @@ from privimage.errors import UserError
 from privimage.methods import STAGE_TABLE
 from privimage.pipeline import Pipeline
 from privimage.stages.pretrain import pretraining_data
+from privimage.stages.warmstart import despeckle, generator_file, warm_start_images
 from privimage.privacy.accountant import compose_epsilon
 
 
@@ -54,6 +56,23 @@ def test_an_epsilon_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, 
         quick(cache_dir, f"warm_start.epsilon_share={share}")
 
 
+def test_despeckling_removes_lone_pixels_keeps_strokes_and_never_mixes_images_or_channels():
+    images = np.zeros((3, 9, 9, 2), np.uint8)
+    images[0, 4, 4, 0] = 255          # a lone speck
+    images[1, :, 3:6, 1] = 200        # a vertical stroke three pixels wide, in the second channel only
+    out = despeckle(images, 3)
+    assert out[0].max() == 0
+    assert (out[1, :, 3:6, 1] == 200).all() and out[1, ..., 0].max() == 0 and out[1, :, [0, 1, 2, 6, 7, 8], 1].max() == 0
+    assert out[2].max() == 0          # neither neighbour leaks into it
+    assert (despeckle(images, 1) == images).all()
+
+
+@pytest.mark.parametrize("width", [0, 2, 2.5, "wide"])
+def test_a_median_filter_that_is_not_an_odd_positive_width_is_refused_in_one_line(cache_dir, width):
+    with pytest.raises(UserError, match="warm_start.median_filter must be an odd positive integer"):
+        quick(cache_dir, f"warm_start.median_filter={width}")
+
+
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory, cache_dir):
     root = tmp_path_factory.mktemp("warm") / "run"
@@ -82,6 +101,16 @@ def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache
     # and it saw the public images plus the warm start's 30
     selected = json.loads((root / "semantics.json").read_text())["public_images"]
     assert json.loads((root / "stages" / "pretrain.json").read_text())["pretraining_images"] == selected + 30
+
+
+def test_pretraining_sees_the_generator_images_median_filtered(warm_run):
+    root, pipeline = warm_run
+    names = pipeline.sensitive_train.class_names
+    raw = warm_start_images(OmegaConf.merge(pipeline.cfg, {"warm_start": {"median_filter": 1}}), pipeline.run, names,
+                            pipeline.device)
+    data, _ = pretraining_data(pipeline)
+    assert pipeline.cfg.warm_start.median_filter == 3 and generator_file(pipeline.run).exists()
+    assert (data.images[-30:] == despeckle(raw.images, 3)).all() and (data.images[-30:] != raw.images).any()
 
 
 def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up(warm_run):

@@ -197,6 +197,8 @@ def validate(cfg: DictConfig) -> None:
     _check(_is_number(w.epsilon_share) and 0 <= w.epsilon_share < 1,
            f"warm_start.epsilon_share must be in [0, 1), 0 for no warm start (got {w.epsilon_share})")
     _check(isinstance(w.samples, int) and w.samples >= 1, f"warm_start.samples must be a positive integer (got {w.samples})")
+    _check(isinstance(w.median_filter, int) and w.median_filter >= 1 and w.median_filter % 2 == 1,
+           f"warm_start.median_filter must be an odd positive integer, 1 for none (got {w.median_filter})")
     share = cfg.pretrain.warm_start_share
     _check(share is None or (_is_number(share) and 0 < share < 1),
            f"pretrain.warm_start_share must be null or in (0, 1), the share of each batch (got {share})")
