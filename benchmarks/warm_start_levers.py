@@ -42,7 +42,8 @@ def main() -> None:
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
             drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
-            filtered = ImageDataset(despeckle(drawn.images, cfg.warm_start.median_filter), drawn.labels, names)
+            filtered = ImageDataset(despeckle(drawn.images, cfg.warm_start.median_filter), drawn.labels, names,
+                                    "synthetic")
             accuracy["generator"] = cnn_accuracy(pipeline, filtered, real)  # as pretraining sees them
         elif stage == "pretrain":
             accuracy["pretrained"] = cnn_accuracy(pipeline, diffusion_samples(pipeline, pipeline.run.pretrain_dir

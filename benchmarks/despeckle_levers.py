@@ -1,0 +1,53 @@
+"""The warm start's median filter, paired: one generator fitted to each saved release, scored on its
+images as drawn and median-filtered, with the plain downstream CNN.
+
+Each RELEASE is a run directory holding a warm-start release (`warmstart/embedding.safetensors`, e.g. a
+`warm_start_levers.py` run); its own config.yaml fixes the features and the generator. Pairing on one
+release takes the release's noise, which spreads the generator's score by several points at ε = 1,
+out of the comparison. Scored on the base run's real *training* split (the validation measure).
+
+  OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/despeckle_levers.py --base runs/base \
+      --out runs/despeckle/a runs/warm/e1a runs/warm/e1b [--widths 1,3,5]
+Prints one JSON line a release: its ε, and the accuracy at each filter width (1: none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from lever_runs import cnn_accuracy, open_on_base
+from privimage.checkpoint import load_checkpoint
+from privimage.config import load_config
+from privimage.data import ImageDataset
+from privimage.merf import class_means, train_generator
+from privimage.stages.dpmerf import EMBEDDING_FILE, _build, _features, generator_images
+from privimage.stages.warmstart import STAGE, despeckle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", type=Path, required=True, help="a run directory whose split to score on")
+    parser.add_argument("--out", type=Path, required=True, help="a new run directory (holds no release)")
+    parser.add_argument("--widths", default="1,3", help="median filter widths, 1 for none")
+    parser.add_argument("releases", nargs="+", type=Path)
+    args = parser.parse_args()
+    pipeline, real = open_on_base(argparse.Namespace(base=args.base, out=args.out, split="train", overrides=[]))
+    names = real.class_names
+    for release in args.releases:
+        cfg = load_config(config_file=release / "config.yaml", overrides=["minutes=null"])
+        noisy_sum = load_checkpoint(release / STAGE / EMBEDDING_FILE)[0]["noisy_sum"]
+        generator, r = _build(cfg, len(names)).to(pipeline.device), cfg.dpmerf
+        train_generator(generator, _features(cfg), class_means(noisy_sum), steps=r.steps, per_class=r.per_class,
+                        lr=r.lr, seed=cfg.seed, bf16=r.bf16)
+        drawn = generator_images(generator.eval(), cfg.sample.n, names, cfg.seed + 1)
+        accuracy = {width: cnn_accuracy(pipeline, ImageDataset(despeckle(drawn.images, int(width)), drawn.labels,
+                                                               names, "synthetic"), real)
+                    for width in args.widths.split(",")}
+        print(json.dumps({"release": str(release), "epsilon": cfg.privacy.epsilon, "accuracy": accuracy}), flush=True)
+    pipeline.close()
+
+
+if __name__ == "__main__":
+    main()
