@@ -20,9 +20,7 @@ from pathlib import Path
 from lever_runs import cnn_accuracy, open_on_base
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
-from privimage.data import ImageDataset
-from privimage.merf import class_means, train_generator
-from privimage.stages.dpmerf import EMBEDDING_FILE, _build, _features, generator_images
+from privimage.stages.dpmerf import EMBEDDING_FILE, fitted_generator, generator_images
 from privimage.stages.warmstart import STAGE, despeckle
 
 
@@ -38,13 +36,9 @@ def main() -> None:
     for release in args.releases:
         cfg = load_config(config_file=release / "config.yaml", overrides=["minutes=null"])
         noisy_sum = load_checkpoint(release / STAGE / EMBEDDING_FILE)[0]["noisy_sum"]
-        generator, r = _build(cfg, len(names)).to(pipeline.device), cfg.dpmerf
-        train_generator(generator, _features(cfg), class_means(noisy_sum), steps=r.steps, per_class=r.per_class,
-                        lr=r.lr, seed=cfg.seed, bf16=r.bf16)
-        drawn = generator_images(generator.eval(), cfg.sample.n, names, cfg.seed + 1)
-        accuracy = {width: cnn_accuracy(pipeline, ImageDataset(despeckle(drawn.images, int(width)), drawn.labels,
-                                                               names, "synthetic"), real)
-                    for width in args.widths.split(",")}
+        generator = fitted_generator(cfg, noisy_sum, len(names), pipeline.device).eval()
+        drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
+        accuracy = {width: cnn_accuracy(pipeline, despeckle(drawn, int(width)), real) for width in args.widths.split(",")}
         print(json.dumps({"release": str(release), "epsilon": cfg.privacy.epsilon, "accuracy": accuracy}), flush=True)
     pipeline.close()
 

@@ -21,7 +21,6 @@ import json
 
 from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base
 from privimage.atomic import read_json
-from privimage.data import ImageDataset
 from privimage.stages.dpmerf import generator_images, load_generator
 from privimage.stages.pretrain import MODEL_FILE
 from privimage.stages.warmstart import despeckle, generator_file
@@ -42,9 +41,8 @@ def main() -> None:
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
             drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
-            filtered = ImageDataset(despeckle(drawn.images, cfg.warm_start.median_filter), drawn.labels, names,
-                                    "synthetic")
-            accuracy["generator"] = cnn_accuracy(pipeline, filtered, real)  # as pretraining sees them
+            filtered = despeckle(drawn, cfg.warm_start.median_filter)  # as pretraining sees them
+            accuracy["generator"] = cnn_accuracy(pipeline, filtered, real)
         elif stage == "pretrain":
             accuracy["pretrained"] = cnn_accuracy(pipeline, diffusion_samples(pipeline, pipeline.run.pretrain_dir
                                                                               / MODEL_FILE), real)

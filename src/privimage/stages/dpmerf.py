@@ -109,13 +109,21 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
     if distributed.is_main():
         noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
                                     planned=planned, name=name)
-        generator = _build(cfg, len(names))
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
-            train_generator(generator.to(pipeline.device), _features(cfg), class_means(noisy_sum), steps=r.steps,
-                            per_class=r.per_class, lr=r.lr, seed=cfg.seed, bf16=r.bf16, progress=bar)
+            generator = fitted_generator(cfg, noisy_sum, len(names), pipeline.device, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)
+
+
+def fitted_generator(cfg: DictConfig, noisy_sum: torch.Tensor, num_classes: int, device: torch.device,
+                     progress=None) -> Generator:
+    """The `dpmerf` section's generator, trained to match a released noisy sum (post-processing of it)."""
+    r = cfg.dpmerf
+    generator = _build(cfg, num_classes).to(device)
+    train_generator(generator, _features(cfg), class_means(noisy_sum), steps=r.steps, per_class=r.per_class, lr=r.lr,
+                    seed=cfg.seed, bf16=r.bf16, progress=progress)
+    return generator
 
 
 def generator_images(generator: Generator, n: int, class_names: tuple[str, ...], seed: int,

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from scipy.ndimage import median_filter
@@ -51,14 +50,14 @@ def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...]
     """The generator's `warm_start.samples` images, labelled with the sensitive classes (seeded), each
     channel median-filtered over a `warm_start.median_filter`-pixel square."""
     generator = load_generator(cfg, generator_file(run), len(class_names), device)
-    images = generator_images(generator, cfg.warm_start.samples, class_names, cfg.seed, name="warm-start")
-    return ImageDataset(despeckle(images.images, cfg.warm_start.median_filter), images.labels, class_names,
-                        name=images.name)
+    return despeckle(generator_images(generator, cfg.warm_start.samples, class_names, cfg.seed, name="warm-start"),
+                     cfg.warm_start.median_filter)
 
 
-def despeckle(images: np.ndarray, width: int) -> np.ndarray:
-    """A `width` × `width` median filter of each channel of each N×H×W×C image; width 1 leaves them as they are."""
-    return median_filter(images, size=(1, width, width, 1), mode="nearest")
+def despeckle(data: ImageDataset, width: int) -> ImageDataset:
+    """A `width` × `width` median filter of each channel of each image; width 1 leaves them as they are."""
+    images = median_filter(data.images, size=(1, width, width, 1), mode="nearest")
+    return ImageDataset(images, data.labels, data.class_names, name=data.name)
 
 
 def run(pipeline: Pipeline) -> None:
