@@ -1,7 +1,8 @@
 """DP fine-tuning levers: fine-tune one pretrained model with variant settings, sample, score.
 
-Each variant runs in its own throwaway run directory with its own ledger (the semantic query of the
-base run booked first, so DP-SGD is calibrated to the same composed ε). The score is the plain
+Each variant runs in its own throwaway run directory with its own ledger (the base run's releases
+before DP-SGD, the semantic query and the warm start, booked first, so DP-SGD is calibrated to the same
+composed ε). The score is the plain
 downstream CNN (no augmentation, `evaluate.classifier_epochs`) trained on the synthetic set and tested
 on the real *training* split (`--split train`, the validation measure levers are chosen on: the
 generator saw it only through DP) or on the test split (`--split test`, for the final choice only).
@@ -24,12 +25,11 @@ from privimage.config import load_config
 from privimage.data import load_sensitive
 from privimage.atomic import read_json
 from privimage.evaluation.downstream import downstream_accuracy
-from privimage.privacy.ledger import Booking, PrivacyLedger
+from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.stages.finetune import finetune
 from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 from privimage.stages.sample import balanced_labels, generate, load_synthetic, write_synthetic
-from privimage.stages.semantics import query_mechanism
 
 
 def main() -> None:
@@ -56,8 +56,11 @@ def main() -> None:
         synthetic = load_synthetic(run)
     elif not args.no_finetune:
         ledger = PrivacyLedger.open(run.ledger, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
-        if ledger.find("semantics") is None:
-            ledger.book(Booking("semantics", query_mechanism(cfg)))
+        base = PrivacyLedger.open(RunDir(args.base).ledger, cfg.privacy.epsilon, cfg.privacy.delta,
+                                  cfg.privacy.accountant, create=False)
+        for booking in base.entries:
+            if booking.stage != "finetune" and ledger.find(booking.stage) is None:
+                ledger.book(booking)
         started = time.perf_counter()
         finetune(cfg, run, ledger, train, args.pretrained, device, release="levers")
         seconds["finetune"] = time.perf_counter() - started
