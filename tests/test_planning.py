@@ -173,3 +173,16 @@ def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_di
     assert set((cache_dir / "pretrained").glob("*")) == cached  # a model short of its steps is never shared
     assert f"stopped after {pretrain_stage.LATE_CHECK_EVERY}" in report_stage._plan_section(pipeline.run)
     pipeline.close()
+
+
+@pytest.mark.parametrize("batch_size, timed", [(16, 16), (1000, 128)])
+def test_the_probe_times_dp_sgd_at_the_batch_the_stage_runs(monkeypatch, batch_size, timed):
+    """A DP-SGD step has a fixed overhead: a small logical batch costs more per sample than a full
+    micro-batch, so the probe times the expected batch (at most one micro-batch of 128 rows)."""
+    cfg = load_config("quick", None, [f"finetune.batch_size={batch_size}", "finetune.max_physical_batch=128",
+                                      "evaluate.classifiers=[cnn]"])
+    sizes = []
+    real_step = planning.DPSGD.step
+    monkeypatch.setattr(planning.DPSGD, "step", lambda self, x, *a: sizes.append(len(x)) or real_step(self, x, *a))
+    planning.probe(cfg, 10, planning.torch.device("cpu"), num_samples=2000)
+    assert sizes and set(sizes) == {timed}

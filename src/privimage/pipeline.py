@@ -108,7 +108,8 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        throughput = probe(self.cfg, num_classes, self.device, warm_start="warmstart" in self.stages())
+        throughput = probe(self.cfg, num_classes, self.device, num_samples=len(self.sensitive_train),
+                           warm_start="warmstart" in self.stages())
         semantics_seconds = 0.0
         if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier

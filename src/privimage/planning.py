@@ -79,9 +79,14 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start: bool = False) -> dict[str, float]:
+def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, num_samples: int,
+          warm_start: bool = False) -> dict[str, float]:
     """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch;
-    with `warm_start`, per update of the DP-MERF generator (fitted to random target means)."""
+    with `warm_start`, per update of the DP-MERF generator (fitted to random target means).
+
+    The DP-SGD sample is timed in a batch of the size the stage runs (the expected logical batch q·N
+    of the `num_samples` training images, at most one micro-batch): a step has a fixed overhead, so a
+    small batch costs more per sample than a full micro-batch."""
     shape = (cfg.data.resolution, cfg.data.resolution, cfg.data.channels)
     generator = torch.Generator().manual_seed(0)
 
@@ -100,7 +105,8 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, warm_start
         engine = DPSGD(net, loss_fn, clip_norm=f.clip_norm, noise_multiplier=1.0, expected_batch_size=1.0,
                        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch,
                        noise=GaussianNoise(seed=0), bf16=f.bf16)
-        dp_batch = engine.samples_per_chunk  # one chunk: the stage's unit of work
+        expected_batch = finetune_schedule(cfg, num_samples).sample_rate * num_samples
+        dp_batch = max(1, min(round(expected_batch), engine.samples_per_chunk))
         dx, dy = images(dp_batch), torch.randint(0, num_classes, (dp_batch,))
         throughput["dp_sample"] = _seconds(lambda: engine.step(to_tensor(dx).to(device), dy.to(device), optimizer),
                                            repeats=2) / dp_batch
