@@ -21,7 +21,7 @@ from lever_runs import cnn_accuracy, open_on_base
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.stages.dpmerf import EMBEDDING_FILE, fitted_generator, generator_images
-from privimage.stages.warmstart import STAGE, despeckle
+from privimage.stages.warmstart import STAGE, despeckle, trained_features
 
 
 def main() -> None:
@@ -36,7 +36,8 @@ def main() -> None:
     for release in args.releases:
         cfg = load_config(config_file=release / "config.yaml", overrides=["minutes=null"])
         noisy_sum = load_checkpoint(release / STAGE / EMBEDDING_FILE)[0]["noisy_sum"]
-        generator = fitted_generator(cfg, noisy_sum, len(names), pipeline.device).eval()
+        features = trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device)
+        generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device).eval()
         drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
         accuracy = {width: cnn_accuracy(pipeline, despeckle(drawn, int(width)), real) for width in args.widths.split(",")}
         print(json.dumps({"release": str(release), "epsilon": cfg.privacy.epsilon, "accuracy": accuracy}), flush=True)

@@ -9,7 +9,8 @@ from privimage.config import load_config
 from privimage.data import to_tensor
 from privimage.merf import embedding_sum
 from privimage.pipeline import Pipeline
-from privimage.stages.dpmerf import _features
+from privimage.stages.dpmerf import random_features
+from privimage.stages.warmstart import trained_features
 
 
 def quick(cache_dir, *overrides):
@@ -28,7 +29,10 @@ def release_residual(root, pipeline: Pipeline, stage: str) -> tuple[torch.Tensor
     noise multiplier the ledger booked for it."""
     noisy = load_checkpoint(root / stage / "embedding.safetensors")[0]["noisy_sum"]
     train = pipeline.sensitive_train
-    exact = embedding_sum(_features(pipeline.cfg), [(to_tensor(train.images), torch.as_tensor(train.labels))],
+    cfg = pipeline.cfg
+    features = (trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device) if stage == "warmstart"
+                else random_features(cfg))
+    exact = embedding_sum(features, [(to_tensor(train.images), torch.as_tensor(train.labels))],
                           train.num_classes)
     (entry,) = [e for e in json.loads((root / "privacy.json").read_text())["entries"] if e["stage"] == stage]
     return noisy - exact, entry["noise_multiplier"]

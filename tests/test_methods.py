@@ -9,8 +9,9 @@ import torch
 from privimage.config import load_config
 from privimage.diffusion.unet import UNet
 from privimage.errors import UserError
-from privimage.merf import (SIZE_WEIGHT, Generator, RandomFeatures, class_means, embedding_sum, fixed_features,
-                            release, train_generator)
+from privimage.classifiers import ResNetGN, SmallCNN
+from privimage.merf import (SIZE_WEIGHT, Generator, JointFeatures, NetworkFeatures, RandomFeatures, class_means,
+                            embedding_sum, fixed_features, release, train_generator)
 from privimage.methods import METHODS, STAGE_TABLE
 from privimage.privacy.accountant import compose_epsilon
 from privimage.privacy.noise import GaussianNoise
@@ -21,15 +22,52 @@ def features(dim=12, count=64, scale=2.0, seed=0):
     return RandomFeatures(dim, count, scale, torch.Generator().manual_seed(seed))
 
 
-def test_every_image_adds_a_vector_of_norm_one_so_the_sensitivity_is_one():
-    phi = features()
-    x = torch.randn(7, 3, 2, 2) * 3
+def joint(network, public_share, bf16=False):
+    """Random features of 4 x 4 images joined with a network's normalised features."""
+    random = RandomFeatures(16, 64, 2.0, torch.Generator().manual_seed(0))
+    return JointFeatures((random, 1 - public_share), (NetworkFeatures(network, bf16=bf16), public_share))
+
+
+def embedding_features():
+    torch.manual_seed(0)
+    return {"random": features(dim=16),
+            "joint cnn": joint(SmallCNN(1, 5, width=4), 0.5),
+            "joint resnet bf16": joint(ResNetGN(1, 5, width=4), 0.3, bf16=True),
+            "network alone": joint(SmallCNN(1, 5, width=4), 1.0)}
+
+
+@pytest.mark.parametrize("name", ["random", "joint cnn", "joint resnet bf16", "network alone"])
+def test_every_image_adds_a_vector_of_norm_at_most_one_so_the_sensitivity_is_one(name):
+    phi = embedding_features()[name]
+    x = torch.cat([torch.randn(5, 1, 4, 4) * 3, torch.zeros(1, 1, 4, 4), torch.full((1, 1, 4, 4), -1e4)])
     y = torch.tensor([0, 1, 2, 0, 1, 2, 2])
-    everyone = embedding_sum(phi, [(x, y)], 3)
+    everyone = embedding_sum(phi, [(x[:3], y[:3]), (x[3:], y[3:])], 3)
     for i in range(len(x)):
         keep = torch.arange(len(x)) != i
         without = embedding_sum(phi, [(x[keep], y[keep])], 3)
-        assert torch.linalg.norm(everyone - without).item() == pytest.approx(1.0, abs=1e-6)
+        assert torch.linalg.norm(everyone - without).item() <= 1.0 + 1e-6
+    # Each part is unit-norm on an image with features: the whole is too, so the bound is tight.
+    assert torch.linalg.norm(phi(x[:5]), dim=1).tolist() == pytest.approx([1.0] * 5, abs=1e-5)
+
+
+def test_joint_features_are_the_parts_scaled_by_the_root_of_their_shares():
+    random, network = features(dim=16), NetworkFeatures(SmallCNN(1, 5, width=4))
+    x = torch.randn(3, 1, 4, 4)
+    both = JointFeatures((random, 0.36), (network, 0.64))(x)
+    assert torch.allclose(both, torch.cat([0.6 * random(x), 0.8 * network(x)], dim=1), atol=1e-6)
+    assert JointFeatures((random, 1.0), (network, 0.0))(x).shape == random(x).shape  # a zero share is left out
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.6), (1.2, -0.2)])
+def test_joint_feature_shares_that_do_not_sum_to_one_or_are_negative_are_refused(shares):
+    with pytest.raises(ValueError, match="sum to 1"):
+        JointFeatures((features(), shares[0]), (features(), shares[1]))
+
+
+def test_network_features_leave_the_network_frozen():
+    network = SmallCNN(1, 5, width=4)
+    NetworkFeatures(network)(torch.randn(2, 1, 4, 4, requires_grad=True)).sum().backward()
+    assert not network.training and all(p.grad is None and not p.requires_grad for p in network.parameters())
 
 
 def test_random_features_approximate_the_gaussian_kernel():

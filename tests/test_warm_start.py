@@ -70,6 +70,12 @@ def test_despeckling_removes_lone_pixels_keeps_strokes_and_never_mixes_images_or
     assert (despeckle(data, 1).images == images).all()
 
 
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half"])
+def test_a_public_features_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, share):
+    with pytest.raises(UserError, match="warm_start.public_features must be in"):
+        quick(cache_dir, f"warm_start.public_features={share}")
+
+
 @pytest.mark.parametrize("width", [0, 2, 2.5, "wide"])
 def test_a_median_filter_that_is_not_an_odd_positive_width_is_refused_in_one_line(cache_dir, width):
     with pytest.raises(UserError, match="warm_start.median_filter must be an odd positive integer"):
@@ -128,12 +134,14 @@ def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up
     assert weights[:-30].min() > 0  # every selected public image is still drawn
 
 
-def test_a_released_warm_start_whose_file_is_gone_or_whose_share_changed_refuses(warm_run, tmp_path, cache_dir):
+@pytest.mark.parametrize("change", ["warm_start.epsilon_share=0.3", "warm_start.public_features=0"])
+def test_a_released_warm_start_whose_file_is_gone_or_whose_settings_changed_refuses(warm_run, tmp_path, cache_dir,
+                                                                                     change):
     root, _ = warm_run
     run = tmp_path / "run"
     shutil.copytree(root, run)
     before = (run / "privacy.json").read_bytes()
-    changed = Pipeline(quick(cache_dir, "warm_start.samples=30", "warm_start.epsilon_share=0.3"), run)
+    changed = Pipeline(quick(cache_dir, "warm_start.samples=30", change), run)
     with pytest.raises(UserError, match="other settings"):
         changed.validate().create().run_stage("warmstart")
     changed.close()

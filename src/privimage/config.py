@@ -199,6 +199,8 @@ def validate(cfg: DictConfig) -> None:
     _check(isinstance(w.samples, int) and w.samples >= 1, f"warm_start.samples must be a positive integer (got {w.samples})")
     _check(isinstance(w.median_filter, int) and w.median_filter >= 1 and w.median_filter % 2 == 1,
            f"warm_start.median_filter must be an odd positive integer, 1 for none (got {w.median_filter})")
+    _check(_is_number(w.public_features) and 0 <= w.public_features <= 1,
+           f"warm_start.public_features must be in [0, 1], 0 for random features alone (got {w.public_features})")
     share = cfg.pretrain.warm_start_share
     _check(share is None or (_is_number(share) and 0 < share < 1),
            f"pretrain.warm_start_share must be null or in (0, 1), the share of each batch (got {share})")

@@ -1,10 +1,12 @@
 """DP-MERF (Harder et al., AISTATS 2021): one noisy release of class-conditional mean embeddings.
 
 Each sensitive image x of class y contributes the unit vector v = [φ(x), 1] / √2 to row y of a
-C × (2F + 1) matrix, where φ is F random Fourier features of a Gaussian kernel (‖φ(x)‖ = 1). Adding
-or removing one image moves the sum by a vector of norm 1, so the sum plus N(0, σ²) on every entry is
-a Gaussian mechanism with noise multiplier σ: the only access to sensitive data. The last column
-holds the (noisy) class sizes, so that the release also gives each class's mean embedding.
+C × (D + 1) matrix, where φ is a D-dimensional feature map with ‖φ(x)‖ ≤ 1: DP-MERF's random Fourier
+features of a Gaussian kernel, or (DP-MEPF, Harder et al., TMLR 2023) those joined with the
+normalised features of a network trained on public data only. Adding or removing one image moves the
+sum by a vector of norm at most 1, so the sum plus N(0, σ²) on every entry is a Gaussian mechanism with
+noise multiplier σ: the only access to sensitive data. The last column holds the (noisy) class sizes,
+so that the release also gives each class's mean embedding.
 
 A generator is then trained to match those noisy means (an MMD with the random-feature kernel),
 which is post-processing: it costs no further privacy.
@@ -13,7 +15,7 @@ which is post-processing: it costs no further privacy.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -35,12 +37,50 @@ class RandomFeatures:
         return torch.cat([projection.cos(), projection.sin()], dim=1) / math.sqrt(self.features)
 
 
-def embedding_sum(features: RandomFeatures, batches: Iterator[tuple[Tensor, Tensor]], num_classes: int) -> Tensor:
+class NetworkFeatures:
+    """ψ(x) = h(x) / ‖h(x)‖, h the penultimate features (`network.features`) of a frozen network.
+
+    DP-MEPF's perceptual features: a classifier trained on public data sees what tells shapes apart,
+    which random features of the pixels spread over thousands of noisy coordinates. The network must
+    never have seen sensitive data, so that ψ, like random features, depends on none. With `bf16` its
+    forward runs under bfloat16 autocast; the normalisation is float32, so ‖ψ(x)‖ ≤ 1 either way.
+    """
+
+    def __init__(self, network: nn.Module, bf16: bool = False):
+        self.network = network.eval().requires_grad_(False)
+        self.bf16 = bf16
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            h = self.network.features(x)
+        h = h.float().flatten(1)
+        return h / h.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+class JointFeatures:
+    """[√s₁ φ₁(x), √s₂ φ₂(x), ...] with Σ s = 1: squared norms add, so unit-bounded parts give a
+    unit-bounded whole and the release keeps sensitivity 1. A part with share 0 is left out."""
+
+    def __init__(self, *parts: tuple[Callable[[Tensor], Tensor], float]):
+        if any(share < 0 for _, share in parts) or not math.isclose(sum(share for _, share in parts), 1.0):
+            raise ValueError(f"the shares must be non-negative and sum to 1, got {[share for _, share in parts]}")
+        self.parts = [(features, math.sqrt(share)) for features, share in parts if share > 0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return torch.cat([features(x) * weight for features, weight in self.parts], dim=1)
+
+
+def embedding_sum(features: Callable[[Tensor], Tensor], batches: Iterator[tuple[Tensor, Tensor]],
+                  num_classes: int) -> Tensor:
     """Σ_i v_i in row y_i: the exact, private statistic; callers pass it only to `release`."""
-    total = torch.zeros(num_classes, 2 * features.features + 1, dtype=torch.float64)
+    total = None
     for x, y in batches:
-        v = torch.cat([features(x) * SIZE_WEIGHT, torch.full((len(x), 1), SIZE_WEIGHT)], dim=1)
+        v = torch.cat([features(x) * SIZE_WEIGHT, torch.full((len(x), 1), SIZE_WEIGHT, device=x.device)], dim=1)
+        if total is None:
+            total = torch.zeros(num_classes, v.shape[1], dtype=torch.float64)
         total.index_add_(0, y.cpu(), v.double().cpu())
+    if total is None:
+        raise ValueError("no images to embed")
     return total
 
 
@@ -84,13 +124,13 @@ class Generator(nn.Module):
         return self(code, labels)
 
 
-def train_generator(generator: Generator, features: RandomFeatures, target_means: Tensor, *, steps: int,
+def train_generator(generator: Generator, features: Callable[[Tensor], Tensor], target_means: Tensor, *, steps: int,
                     per_class: int, lr: float, seed: int, bf16: bool = False, progress=None) -> list[float]:
     """Adam on Σ_c ‖mean φ(G(z, c)) − m_c‖² over balanced batches (`per_class` codes a class a step).
 
     The generator trains channels-last (faster convolutions on a CPU); with `bf16` its forward runs
     under bfloat16 autocast (its images are stored as uint8, coarser than bfloat16), while the random
-    features and the loss stay float32 (benchmarks/bf16_levers.py).
+    features and the loss stay float32 (benchmarks/bf16_levers.py); NetworkFeatures has its own flag.
     """
     num_classes = len(target_means)
     device = next(generator.parameters()).device

@@ -35,9 +35,10 @@ from privimage.planning import (Plan, classifier_throughput, evaluations_per_cla
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
-from privimage.runtime import dp_noise_source, resolve_device
+from privimage.runtime import dp_noise_source, resolve_device, seeded
 from privimage.stages.pretrain import label_rows
-from privimage.stages.semantics import semantic_classifier_is_cached
+from privimage.stages import warmstart
+from privimage.stages.semantics import build_classifier, semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,13 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
+        warm_start_features = None
+        if "warmstart" in self.stages():
+            with seeded(0):  # for timing: an untrained classifier costs what the trained one does
+                classifier = build_classifier(self.cfg, self.public).to(self.device)
+                warm_start_features = warmstart.features(self.cfg, classifier)
         throughput = probe(self.cfg, num_classes, self.device, num_samples=len(self.sensitive_train),
-                           warm_start="warmstart" in self.stages())
+                           warm_start_features=warm_start_features)
         semantics_seconds = 0.0
         if self.method.queries_semantics and not semantic_classifier_is_cached(self.cfg, self.public, self.cache_dir):
             c = self.cfg.semantics.classifier

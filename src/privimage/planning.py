@@ -36,7 +36,7 @@ from privimage.stages.sample import sample_batch
 from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
-from privimage.merf import Generator, fixed_features, train_generator
+from privimage.merf import Generator, train_generator
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
@@ -80,9 +80,10 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, num_samples: int,
-          warm_start: bool = False) -> dict[str, float]:
+          warm_start_features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch;
-    with `warm_start`, per update of the DP-MERF generator (fitted to random target means).
+    with `warm_start_features` (the warm start's feature map, or one of its cost: a network in it need not
+    be trained), per update of the DP-MERF generator fitted to random target means of those features.
 
     The DP-SGD sample is timed in a batch of the size the stage runs (the expected logical batch q·N
     of the `num_samples` training images, at most one micro-batch): a step has a fixed overhead, so a
@@ -124,14 +125,14 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, num_sample
             seconds = _seconds(lambda: train_classifier(model, probe_images, probe_labels, epochs=1,
                                                         batch_size=DOWNSTREAM_BATCH, device=str(device)), repeats=1)
             throughput[f"classifier_{name}_image_epoch"] = seconds / PROBE_IMAGES
-    if warm_start:
+    if warm_start_features is not None:
         r, d = cfg.dpmerf, cfg.data
         merf_generator = Generator(num_classes, d.channels, d.resolution, code_dim=r.code_dim, width=r.width).to(device)
-        features = fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, seed=0)
-        targets = torch.randn(num_classes, 2 * r.features, generator=generator) / math.sqrt(r.features)
+        dim = warm_start_features(to_tensor(images(1)).to(device)).shape[1]
+        targets = torch.randn(num_classes, dim, generator=generator) / math.sqrt(dim)
         throughput["generator_step"] = _seconds(lambda: train_generator(
-            merf_generator, features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0, bf16=r.bf16),
-            repeats=1) / 2
+            merf_generator, warm_start_features, targets, steps=2, per_class=r.per_class, lr=0.0, seed=0,
+            bf16=r.bf16), repeats=1) / 2
     if cfg.evaluate.fid:
         from privimage.evaluation.fid import INCEPTION_BATCH, InceptionFeatures
 

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 EMBEDDING_FILE = "embedding.safetensors"
 GENERATOR_FILE = "generator.safetensors"
 BATCH = 512
+FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] → rows of norm ≤ 1 (privimage.merf)
 
 
 def mechanism(cfg: DictConfig, num_samples: int, earlier: list[Mechanism]) -> Mechanism:
@@ -47,7 +48,8 @@ def mechanism(cfg: DictConfig, num_samples: int, earlier: list[Mechanism]) -> Me
     return Mechanism(sigma)
 
 
-def _features(cfg: DictConfig) -> RandomFeatures:
+def random_features(cfg: DictConfig) -> RandomFeatures:
+    """DP-MERF's features, the `dpmerf` section's; fixed by the seed, they read no data."""
     r, d = cfg.dpmerf, cfg.data
     return fixed_features(d.resolution ** 2 * d.channels, r.features, r.length_scale, cfg.seed)
 
@@ -58,14 +60,16 @@ def release_name(cfg: DictConfig, *depends_on: object) -> str:
 
 
 def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, *, stage: str,
-                    planned: Callable[[], Mechanism], name: str) -> torch.Tensor:
-    """The released C × (2F + 1) noisy sum: computed, booked (as `stage`, `planned()`) and released once
-    per run directory."""
+                    planned: Callable[[], Mechanism], name: str, features: FeatureMap,
+                    device: torch.device) -> torch.Tensor:
+    """The released C × (D + 1) noisy sum of `features`: computed, booked (as `stage`, `planned()`) and
+    released once per run directory."""
     path = run.root / stage / EMBEDDING_FILE
     booked = ledger.find(stage)
     if booked is not None and booked.release != name:
         raise UserError(f"{run.root} has released its DP-MERF embedding with other settings (dpmerf.features, "
-                        "dpmerf.length_scale, warm_start or seed changed since): restore them, or use a new --out")
+                        "dpmerf.length_scale, warm_start, semantics.classifier or seed changed since): restore them, "
+                        "or use a new --out")
     if booked is not None and ledger.released_steps(stage, name):
         if not path.exists():
             raise UserError(f"the ledger records the DP-MERF embedding as released but {path} is missing: "
@@ -74,11 +78,10 @@ def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensiti
         if meta.get("release") != name:
             raise UserError(f"{path} is from another release: use a new --out")
         return tensors["noisy_sum"]
-    features = _features(cfg)
     if booked is None:
         booked = Booking(stage, planned(), name)
         ledger.book(booked)  # before the noisy sum exists
-    batches = ((to_tensor(sensitive.images[i:i + BATCH]), torch.as_tensor(sensitive.labels[i:i + BATCH]))
+    batches = ((to_tensor(sensitive.images[i:i + BATCH]).to(device), torch.as_tensor(sensitive.labels[i:i + BATCH]))
                for i in range(0, len(sensitive), BATCH))
     noisy = release(embedding_sum(features, batches, sensitive.num_classes), booked.mechanism.noise_multiplier,
                     dp_noise_source(cfg.privacy.secure_rng))
@@ -100,28 +103,30 @@ def _draw(generator: Generator, labels: torch.Tensor, rng: torch.Generator) -> n
                                for i in range(0, len(labels), BATCH)])
 
 
-def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str) -> Generator:
-    """The release (once), then the generator fitted to it, saved as `<stage>/generator.safetensors`.
+def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str,
+                  features: FeatureMap) -> Generator:
+    """The release of `features` (once), then the generator fitted to it, saved as `<stage>/generator.safetensors`.
     Under torchrun rank 0 alone releases and fits (a release per rank would spend the budget once per
     rank); every rank then reads the same generator."""
     cfg, names, r = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.cfg.dpmerf
     path = generator_path(pipeline.run, stage)
     if distributed.is_main():
         noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
-                                    planned=planned, name=name)
+                                    planned=planned, name=name, features=features, device=pipeline.device)
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
-            generator = fitted_generator(cfg, noisy_sum, len(names), pipeline.device, progress=bar)
+            generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)
 
 
-def fitted_generator(cfg: DictConfig, noisy_sum: torch.Tensor, num_classes: int, device: torch.device,
-                     progress=None) -> Generator:
-    """The `dpmerf` section's generator, trained to match a released noisy sum (post-processing of it)."""
+def fitted_generator(cfg: DictConfig, noisy_sum: torch.Tensor, features: FeatureMap, num_classes: int,
+                     device: torch.device, progress=None) -> Generator:
+    """The `dpmerf` section's generator, trained to match a released noisy sum of `features`
+    (post-processing of it)."""
     r = cfg.dpmerf
     generator = _build(cfg, num_classes).to(device)
-    train_generator(generator, _features(cfg), class_means(noisy_sum), steps=r.steps, per_class=r.per_class, lr=r.lr,
+    train_generator(generator, features, class_means(noisy_sum), steps=r.steps, per_class=r.per_class, lr=r.lr,
                     seed=cfg.seed, bf16=r.bf16, progress=progress)
     return generator
 
@@ -156,7 +161,7 @@ def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: 
 
 def run(pipeline: Pipeline) -> None:
     cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
-    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg),
+    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg), features=random_features(cfg),
                               planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
     if distributed.is_main():
         write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,

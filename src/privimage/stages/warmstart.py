@@ -3,7 +3,9 @@
 Not in the PrivImage paper; it follows DP-FETA (Li et al., IEEE S&P 2025, by PrivImage's authors):
 a cheap DP release first teaches the diffusion model the coarse look of the sensitive data, so that
 DP-SGD starts from the sensitive style rather than the public one. Here the release is DP-MERF's
-(stages/dpmerf.py, with the `dpmerf` section's features and generator): one Gaussian mechanism whose
+(stages/dpmerf.py, with the `dpmerf` section's random features and generator), with
+`warm_start.public_features` of each image's embedding given to the semantic classifier's features
+(DP-MEPF's public perceptual features; the classifier saw public data only): one Gaussian mechanism whose
 σ spends `warm_start.epsilon_share` of ε on its own; DP-SGD's σ is calibrated for the rest of the
 composed budget. `warm_start.samples` generator images, labelled with the sensitive classes, are
 post-processing of the release; the pretrain stage adds them to the selected public images.
@@ -26,7 +28,10 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier
 from privimage.rundir import RunDir
-from privimage.stages.dpmerf import fit_generator, generator_images, generator_path, load_generator, release_name
+from privimage.merf import JointFeatures, NetworkFeatures
+from privimage.stages.dpmerf import (FeatureMap, fit_generator, generator_images, generator_path, load_generator,
+                                     random_features, release_name)
+from privimage.stages.semantics import semantic_classifier
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -40,6 +45,22 @@ def mechanism(cfg: DictConfig, num_samples: int = 0, earlier: list[Mechanism] = 
     if not 0 < share < 1:
         raise UserError(f"warm_start.epsilon_share must be in [0, 1) (got {share}): 0 turns the warm start off")
     return Mechanism(calibrate_noise_multiplier(share * p.epsilon, p.delta, 1.0, 1, accountant=p.accountant))
+
+
+def features(cfg: DictConfig, classifier: torch.nn.Module | None) -> FeatureMap:
+    """The warm start's embedding: DP-MERF's random features and, with their share of the norm, the
+    normalised penultimate features of `classifier` (one trained on public data only, or None where
+    `warm_start.public_features` is 0)."""
+    share = cfg.warm_start.public_features
+    if not share:
+        return random_features(cfg)
+    return JointFeatures((random_features(cfg), 1 - share), (NetworkFeatures(classifier, bf16=cfg.dpmerf.bf16), share))
+
+
+def trained_features(cfg: DictConfig, public: ImageDataset, cache_dir: Path, device: torch.device) -> FeatureMap:
+    """`features` with the semantic classifier of `public` (the cached one the semantics stage trained)."""
+    classifier = semantic_classifier(cfg, public, cache_dir, device)[0] if cfg.warm_start.public_features else None
+    return features(cfg, classifier)
 
 
 def generator_file(run: RunDir) -> Path:
@@ -62,5 +83,8 @@ def despeckle(data: ImageDataset, width: int) -> ImageDataset:
 
 def run(pipeline: Pipeline) -> None:
     cfg = pipeline.cfg
-    fit_generator(pipeline, stage=STAGE, name=release_name(cfg, cfg.warm_start.epsilon_share),
-                  planned=lambda: mechanism(cfg))
+    w = cfg.warm_start
+    classifier = cfg.semantics.classifier if w.public_features else None
+    name = release_name(cfg, w.epsilon_share, w.public_features, classifier)
+    fit_generator(pipeline, stage=STAGE, name=name, planned=lambda: mechanism(cfg),
+                  features=trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device))
