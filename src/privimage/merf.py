@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from privimage.privacy.noise import NoiseSource
 
+FeatureMap = Callable[[Tensor], Tensor]  # images in [-1, 1] → rows of norm ≤ 1
 SIZE_WEIGHT = 1 / math.sqrt(2)  # of the constant feature; φ gets the same weight, so ‖v‖ = 1
 
 
@@ -61,7 +62,7 @@ class JointFeatures:
     """[√s₁ φ₁(x), √s₂ φ₂(x), ...] with Σ s = 1: squared norms add, so unit-bounded parts give a
     unit-bounded whole and the release keeps sensitivity 1. A part with share 0 is left out."""
 
-    def __init__(self, *parts: tuple[Callable[[Tensor], Tensor], float]):
+    def __init__(self, *parts: tuple[FeatureMap, float]):
         if any(share < 0 for _, share in parts) or not math.isclose(sum(share for _, share in parts), 1.0):
             raise ValueError(f"the shares must be non-negative and sum to 1, got {[share for _, share in parts]}")
         self.parts = [(features, math.sqrt(share)) for features, share in parts if share > 0]
@@ -70,8 +71,7 @@ class JointFeatures:
         return torch.cat([features(x) * weight for features, weight in self.parts], dim=1)
 
 
-def embedding_sum(features: Callable[[Tensor], Tensor], batches: Iterator[tuple[Tensor, Tensor]],
-                  num_classes: int) -> Tensor:
+def embedding_sum(features: FeatureMap, batches: Iterator[tuple[Tensor, Tensor]], num_classes: int) -> Tensor:
     """Σ_i v_i in row y_i: the exact, private statistic; callers pass it only to `release`."""
     total = None
     for x, y in batches:
@@ -124,7 +124,7 @@ class Generator(nn.Module):
         return self(code, labels)
 
 
-def train_generator(generator: Generator, features: Callable[[Tensor], Tensor], target_means: Tensor, *, steps: int,
+def train_generator(generator: Generator, features: FeatureMap, target_means: Tensor, *, steps: int,
                     per_class: int, lr: float, seed: int, bf16: bool = False, progress=None) -> list[float]:
     """Adam on Σ_c ‖mean φ(G(z, c)) − m_c‖² over balanced batches (`per_class` codes a class a step).
 

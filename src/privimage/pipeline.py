@@ -35,10 +35,10 @@ from privimage.planning import (Plan, classifier_throughput, evaluations_per_cla
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
-from privimage.runtime import dp_noise_source, resolve_device, seeded
+from privimage.runtime import dp_noise_source, resolve_device
 from privimage.stages.pretrain import label_rows
 from privimage.stages import warmstart
-from privimage.stages.semantics import build_classifier, semantic_classifier_is_cached
+from privimage.stages.semantics import semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +109,8 @@ class Pipeline:
 
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
-        warm_start_features = None
-        if "warmstart" in self.stages():
-            with seeded(0):  # for timing: an untrained classifier costs what the trained one does
-                classifier = build_classifier(self.cfg, self.public).to(self.device)
-                warm_start_features = warmstart.features(self.cfg, classifier)
+        warm_start_features = (warmstart.untrained_features(self.cfg, self.public, self.device)
+                               if "warmstart" in self.stages() else None)
         throughput = probe(self.cfg, num_classes, self.device, num_samples=len(self.sensitive_train),
                            warm_start_features=warm_start_features)
         semantics_seconds = 0.0

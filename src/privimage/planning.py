@@ -36,7 +36,7 @@ from privimage.stages.sample import sample_batch
 from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
-from privimage.merf import Generator, train_generator
+from privimage.merf import FeatureMap, Generator, train_generator
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
@@ -80,7 +80,7 @@ def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, num_samples: int,
-          warm_start_features: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+          warm_start_features: FeatureMap | None = None) -> dict[str, float]:
     """Seconds per pretraining step, per DP-SGD sample, per image-forward, per classifier image-epoch;
     with `warm_start_features` (the warm start's feature map, or one of its cost: a network in it need not
     be trained), per update of the DP-MERF generator fitted to random target means of those features.

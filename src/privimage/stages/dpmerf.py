@@ -22,7 +22,8 @@ from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset, to_tensor, to_uint8
 from privimage.errors import UserError
-from privimage.merf import Generator, RandomFeatures, class_means, embedding_sum, fixed_features, release, train_generator
+from privimage.merf import (FeatureMap, Generator, RandomFeatures, class_means, embedding_sum, fixed_features, release,
+                            train_generator)
 from privimage.privacy.accountant import FixedReleasesExceedTarget, Mechanism, calibrate_noise_multiplier
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 EMBEDDING_FILE = "embedding.safetensors"
 GENERATOR_FILE = "generator.safetensors"
 BATCH = 512
-FeatureMap = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] → rows of norm ≤ 1 (privimage.merf)
 
 
 def mechanism(cfg: DictConfig, num_samples: int, earlier: list[Mechanism]) -> Mechanism:

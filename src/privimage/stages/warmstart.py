@@ -28,10 +28,11 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier
 from privimage.rundir import RunDir
-from privimage.merf import JointFeatures, NetworkFeatures
-from privimage.stages.dpmerf import (FeatureMap, fit_generator, generator_images, generator_path, load_generator,
-                                     random_features, release_name)
-from privimage.stages.semantics import semantic_classifier
+from privimage.merf import FeatureMap, JointFeatures, NetworkFeatures
+from privimage.runtime import seeded
+from privimage.stages.dpmerf import (fit_generator, generator_images, generator_path, load_generator, random_features,
+                                     release_name)
+from privimage.stages.semantics import build_classifier, semantic_classifier
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -61,6 +62,15 @@ def trained_features(cfg: DictConfig, public: ImageDataset, cache_dir: Path, dev
     """`features` with the semantic classifier of `public` (the cached one the semantics stage trained)."""
     classifier = semantic_classifier(cfg, public, cache_dir, device)[0] if cfg.warm_start.public_features else None
     return features(cfg, classifier)
+
+
+def untrained_features(cfg: DictConfig, public: ImageDataset, device: torch.device) -> FeatureMap:
+    """`features` with an untrained classifier of the semantic classifier's architecture: what the
+    planner times before the semantics stage has trained one (it costs the same and reads no data)."""
+    if not cfg.warm_start.public_features:
+        return features(cfg, None)
+    with seeded(0):
+        return features(cfg, build_classifier(cfg, public).to(device))
 
 
 def generator_file(run: RunDir) -> Path:
