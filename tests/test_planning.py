@@ -1,6 +1,7 @@
 """`--minutes`: the plan fits the budget, scales the configured recipe, and is made once per run directory."""
 
 import json
+import time
 
 import pytest
 
@@ -134,6 +135,21 @@ def test_the_replan_happens_once_per_run_directory_before_pretraining_starts(tmp
     again._replan_pretraining()
     assert again.cfg.pretrain.steps == plan["pretrain_steps"]
     again.close()
+
+
+def test_a_run_validated_long_before_it_starts_still_gets_its_whole_budget(tmp_path, cache_dir, monkeypatch):
+    """`privimage bench` validates every run first; before this fix a later run found its minutes spent by
+    the runs before it and pretrained for one step."""
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30"])
+    pipeline = Pipeline(cfg, tmp_path / "run").validate()
+    left = pipeline.seconds_left()
+    clock = time.monotonic
+    monkeypatch.setattr(time, "monotonic", lambda: clock() + 3600)  # an hour of other runs
+    pipeline.create()
+    assert pipeline.seconds_left() == pytest.approx(left, abs=5)
+    pipeline._replan_pretraining()
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["replanned_seconds_left"] > 29 * 60
+    pipeline.close()
 
 
 def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_stages_after_it():

@@ -235,8 +235,8 @@ def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
         return None
     from privimage.planning import pretraining_is_late  # here: planning → finetune → this module
 
-    plan, end = pipeline.plan, pipeline.started + 60 * pipeline.cfg.minutes
-    return lambda steps, seconds: pretraining_is_late(plan, end - time.monotonic(), steps, seconds)
+    plan = pipeline.plan
+    return lambda steps, seconds: pretraining_is_late(plan, pipeline.seconds_left(), steps, seconds)
 
 
 def _copy(source: Path, target: Path) -> None:
