@@ -2,6 +2,7 @@
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -24,20 +25,20 @@ def opened(cfg, out) -> Pipeline:
 
 def test_plan_scales_the_recipe_to_fit_the_seconds_left():
     cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
                               uses_pretraining=True, num_samples=4000)
     assert sum(plan.expected_seconds.values()) <= 900.0
     assert sum(plan.expected_seconds.values()) >= planning.SAFETY * 900.0 - 5  # and uses it (less a step)
     configured = cfg.pretrain.steps / cfg.finetune.steps
     assert plan.pretrain_steps / plan.finetune_steps == pytest.approx(configured, rel=0.05)
     faster = planning.make_plan(cfg, {k: v / 2 for k, v in THROUGHPUT.items()}, 900.0, semantics_seconds=30.0,
-                                evaluations_per_classifier=1, uses_pretraining=True, num_samples=4000)
+                                uses_pretraining=True, num_samples=4000)
     assert faster.finetune_steps > 2 * plan.finetune_steps  # a machine twice as fast trains more than twice as long
 
 
 def test_the_warm_start_generator_is_planned_at_its_configured_steps():
     cfg = load_config(None, None, ["minutes=15"])
-    common = dict(semantics_seconds=60.0, evaluations_per_classifier=1, uses_pretraining=True, num_samples=4000)
+    common = dict(semantics_seconds=60.0, uses_pretraining=True, num_samples=4000)
     without = planning.make_plan(cfg, THROUGHPUT, 900.0, **common)
     plan = planning.make_plan(cfg, {**THROUGHPUT, "generator_step": 0.2}, 900.0, **common)
     assert plan.expected_seconds["warmstart"] == pytest.approx(0.2 * cfg.dpmerf.steps)
@@ -45,11 +46,33 @@ def test_the_warm_start_generator_is_planned_at_its_configured_steps():
     assert sum(plan.expected_seconds.values()) <= 900.0
 
 
-def test_a_budget_too_small_for_one_step_is_a_user_error():
-    cfg = load_config(None, None, ["minutes=1"])
-    with pytest.raises(UserError, match="raise --minutes"):
-        planning.make_plan(cfg, THROUGHPUT, 60.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+def test_a_budget_too_small_for_the_floors_trims_evaluation_then_refuses_naming_the_minutes_needed():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
+                              num_samples=4000)
+    assert plan.evaluation == {}  # room for everything: nothing trimmed
+    slow = {k: 2.5 * v for k, v in THROUGHPUT.items()}  # a machine 2.5x slower
+    trimmed = planning.make_plan(cfg, slow, 900.0, semantics_seconds=150.0, uses_pretraining=True, num_samples=4000)
+    assert trimmed.pretrain_steps >= cfg.pretrain.min_steps and trimmed.finetune_steps >= cfg.finetune.min_steps
+    assert trimmed.evaluation == {"reference": False, "fid": False}  # the optional evaluation went first
+    assert trimmed.overrides()["evaluate"] == trimmed.evaluation
+    assert sum(trimmed.expected_seconds.values()) <= 900.0
+    with pytest.raises(UserError, match=r"--minutes (\d+)") as refused:
+        planning.make_plan(cfg, {k: 8 * v for k, v in THROUGHPUT.items()}, 900.0, semantics_seconds=480.0,
                            uses_pretraining=True, num_samples=4000)
+    needed = int(str(refused.value).rsplit(" ", 1)[1])
+    assert needed > 15
+    enough = planning.make_plan(load_config(None, None, [f"minutes={needed}"]), {k: 8 * v for k, v in THROUGHPUT.items()},
+                                60.0 * needed, semantics_seconds=480.0, uses_pretraining=True, num_samples=4000)
+    assert enough.pretrain_steps >= cfg.pretrain.min_steps  # the minutes it names are enough
+
+
+def test_a_step_count_under_its_floor_is_raised_to_it_and_the_other_takes_the_rest():
+    cfg = load_config(None, None, ["minutes=15", "pretrain.steps=100000", "finetune.steps=20", "finetune.min_steps=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
+                              num_samples=4000)
+    assert plan.finetune_steps == 15 and plan.pretrain_steps > cfg.pretrain.min_steps
+    assert sum(plan.expected_seconds.values()) <= 900.0
 
 
 def test_the_plan_is_made_before_the_data_is_touched_and_kept_by_the_run_directory(tmp_path, cache_dir, monkeypatch):
@@ -81,7 +104,7 @@ def test_evaluation_is_planned_for_every_classifier_it_trains():
 
 def test_pretraining_is_planned_again_to_the_seconds_left_and_the_rest_as_before():
     cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
                               uses_pretraining=True, num_samples=4000)
     after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
     as_planned = {"semantics": plan.expected_seconds["semantics"]}
@@ -93,12 +116,12 @@ def test_pretraining_is_planned_again_to_the_seconds_left_and_the_rest_as_before
         assert planning.REPLAN_SAFETY * seconds_left - THROUGHPUT["pretrain_step"] < used <= planning.REPLAN_SAFETY * seconds_left
     assert (planning.replan_pretraining(plan, 700.0, as_planned).pretrain_steps
             > planning.replan_pretraining(plan, 500.0, as_planned).pretrain_steps)
-    assert planning.replan_pretraining(plan, 1.0, as_planned).pretrain_steps == 1  # a late run still pretrains
+    assert planning.replan_pretraining(plan, 1.0, as_planned).pretrain_steps == plan.pretrain_floor  # a late run still learns
 
 
 def test_the_replan_expects_the_rest_as_much_slower_as_the_stages_run_so_far():
     cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=2,
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
                               uses_pretraining=True, num_samples=4000)
     after = ("finetune", "sample", "evaluate", "report")
     slow = planning.replan_pretraining(plan, 700.0, {"semantics": 90.0})  # 1.5x the 60 s planned
@@ -117,7 +140,8 @@ def test_the_replan_happens_once_per_run_directory_before_pretraining_starts(tmp
     pipeline = opened(cfg, tmp_path / "run")
     first = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert first["replanned_seconds_left"] is None
-    pipeline.started -= 60  # a minute spent on the stages before pretraining
+    with pipeline.clock.reading_sensitive(planned_seconds=60):  # a minute spent on the stages before pretraining
+        pass
     pipeline._replan_pretraining()
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert plan["replanned_seconds_left"] < 29 * 60
@@ -148,13 +172,13 @@ def test_a_run_validated_long_before_it_starts_still_gets_its_whole_budget(tmp_p
     pipeline.create()
     assert pipeline.seconds_left() == pytest.approx(left, abs=5)
     pipeline._replan_pretraining()
-    assert json.loads((tmp_path / "run" / "plan.json").read_text())["replanned_seconds_left"] > 29 * 60
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["replanned_seconds_left"] > left - 60
     pipeline.close()
 
 
 def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_stages_after_it():
     cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, evaluations_per_classifier=1,
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
                               uses_pretraining=True, num_samples=4000)
     plan = planning.replan_pretraining(plan, 800.0, {"semantics": plan.expected_seconds["semantics"]})
     step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
@@ -178,16 +202,17 @@ def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_di
     pipeline.run_stage("semantics")
     pipeline._replan_pretraining()
     planned = pipeline.cfg.pretrain.steps
-    assert planned > 2 * pretrain_stage.LATE_CHECK_EVERY
+    stop = 2 * pretrain_stage.LATE_CHECK_EVERY  # the first check only starts measuring the pace
+    assert planned > stop
     monkeypatch.setattr(planning, "pretraining_is_late", lambda plan, left, steps, seconds: True)
     cached = set((cache_dir / "pretrained").glob("*"))
     pipeline.run_stage("pretrain")
     marker = json.loads((tmp_path / "run" / "stages" / "pretrain.json").read_text())
-    assert marker["stopped_early_at"] == pretrain_stage.LATE_CHECK_EVERY < planned
+    assert marker["stopped_early_at"] == stop < planned
     _, meta = load_checkpoint(tmp_path / "run" / "pretrain" / pretrain_stage.MODEL_FILE)
-    assert int(meta["steps"]) == pretrain_stage.LATE_CHECK_EVERY
+    assert int(meta["steps"]) == stop
     assert set((cache_dir / "pretrained").glob("*")) == cached  # a model short of its steps is never shared
-    assert f"stopped after {pretrain_stage.LATE_CHECK_EVERY}" in report_stage._plan_section(pipeline.run)
+    assert f"stopped after {stop}" in report_stage._plan_section(pipeline.run)
     pipeline.close()
 
 
@@ -202,3 +227,86 @@ def test_the_probe_times_dp_sgd_at_the_batch_the_stage_runs(monkeypatch, batch_s
     monkeypatch.setattr(planning.DPSGD, "step", lambda self, x, *a: sizes.append(len(x)) or real_step(self, x, *a))
     planning.probe(cfg, 10, planning.torch.device("cpu"), num_samples=2000)
     assert sizes and set(sizes) == {timed}
+
+
+def test_the_budget_clock_counts_reading_sensitive_data_at_its_planned_seconds(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    clock = planning.BudgetClock(minutes=10)
+    now[0] += 30  # public work counts as measured
+    with clock.reading_sensitive(planned_seconds=5.0):
+        now[0] += 400  # however long the sensitive work takes ...
+        with clock.reading_sensitive():  # (nested blocks count once)
+            now[0] += 50
+    assert clock.spent() == pytest.approx(35.0)  # ... it counts as planned
+    clock.pause()
+    now[0] += 3600  # a wait that is not the run's
+    assert clock.paused and clock.spent() == pytest.approx(35.0)
+    clock.resume()
+    now[0] += 10
+    assert clock.left() == pytest.approx(600 - 45.0)
+
+
+def _slow(monkeypatch, module, name, seconds):
+    """`module.name` made to take `seconds` on a monotonic clock that stands still otherwise (as a slow
+    image would), so that plans made on it differ only by what that call costs."""
+    real, now = getattr(module, name), [0.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+
+    def slow(*args, **kwargs):
+        now[0] += seconds
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, slow)
+
+
+def test_a_slow_to_decode_sensitive_set_moves_neither_t_nor_sigma(tmp_path, cache_dir, monkeypatch):
+    """Failing first: the plan counted the seconds spent decoding the sensitive set, so T and σ, both
+    published, depended on how long its images took to decode."""
+    from privimage import pipeline as pipeline_module
+
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30"])
+    monkeypatch.setattr(pipeline_module, "probe", lambda *a, **k: dict(THROUGHPUT, generator_step=0.01))
+    monkeypatch.setattr(pipeline_module, "classifier_throughput", lambda *a, **k: 0.001)
+    _slow(monkeypatch, pipeline_module, "load_sensitive", 0.0)
+    fast = Pipeline(cfg, tmp_path / "fast", split_key=bytes(32)).validate()
+    _slow(monkeypatch, pipeline_module, "load_sensitive", 600.0)  # one image that takes ten minutes
+    slow = Pipeline(cfg, tmp_path / "slow", split_key=bytes(32)).validate()
+    assert (slow.plan.finetune_steps, slow.plan.pretrain_steps) == (fast.plan.finetune_steps, fast.plan.pretrain_steps)
+    assert slow.planned_mechanisms()[-1].noise_multiplier == fast.planned_mechanisms()[-1].noise_multiplier
+
+
+def test_a_slow_semantic_query_moves_no_pretraining_step(tmp_path, cache_dir, monkeypatch):
+    """Failing first: the replan read the semantics stage's measured seconds, the query on sensitive
+    data included, and so did the early stop through the seconds left."""
+    from privimage.stages import semantics as semantics_stage
+
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30", "warm_start.epsilon_share=0"])
+    monkeypatch.setattr("privimage.pipeline.probe", lambda *a, **k: dict(THROUGHPUT))
+    steps = {}
+    for name, query_seconds in (("fast", 0.0), ("slow", 300.0)):
+        _slow(monkeypatch, semantics_stage, "vote_histogram", query_seconds)
+        pipeline = Pipeline(cfg, tmp_path / name).validate().create()
+        pipeline.run_stage("semantics")
+        pipeline._replan_pretraining()
+        steps[name] = pipeline.plan.pretrain_steps
+        marker = json.loads((tmp_path / name / "stages" / "semantics.json").read_text())
+        assert marker["seconds"] < 200  # the shareable marker holds the query at its planned seconds
+        pipeline.close()
+    assert steps["slow"] == steps["fast"]
+
+
+def test_the_early_stop_ignores_the_first_steps_and_never_stops_below_the_floor(tmp_path, cache_dir):
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = replace(planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
+                                      num_samples=4000), pretrain_floor=100)
+
+    class Stub:  # the pipeline as the pretrain stage's budget check sees it: a late run
+        def seconds_left(self):
+            return 1.0
+
+    Stub.plan = plan
+    is_late = pretrain_stage._budget_check(Stub())
+    assert not is_late(25, 60.0)  # the first check only starts the pace's clock, however slow it was
+    assert not is_late(50, 61.0)  # below the floor
+    assert is_late(100, 62.0)

@@ -22,6 +22,9 @@ class Stage:
     # Config sections the stage reads, beyond its upstream stages: they decide when it is stale.
     config_keys: tuple[str, ...]
     spends_privacy: bool = False
+    # Whether the whole stage reads sensitive data, so that the budget's clock counts it at its planned
+    # seconds (planning.BudgetClock). Stages that read it in part mark that part themselves.
+    reads_sensitive: bool = False
     # Whether a method that lists the stage runs it under this config (a stage that can be turned off).
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
 
@@ -37,10 +40,10 @@ STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("warmstart", ("warm_start", "dpmerf", "privacy", "seed"), spends_privacy=True,
           enabled=lambda cfg: cfg.warm_start.epsilon_share > 0),
     Stage("pretrain", ("model", "pretrain")),
-    Stage("finetune", ("finetune", "privacy"), spends_privacy=True),
+    Stage("finetune", ("finetune", "privacy"), spends_privacy=True, reads_sensitive=True),
     Stage("dpmerf", ("dpmerf", "privacy", "sample", "seed"), spends_privacy=True),
     Stage("sample", ("sample",)),
-    Stage("evaluate", ("evaluate",)),
+    Stage("evaluate", ("evaluate",), reads_sensitive=True),
     Stage("report", ()),
 )}
 STAGES = tuple(STAGE_TABLE)

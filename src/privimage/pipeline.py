@@ -30,8 +30,7 @@ from privimage.config import fingerprint, to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, load_sensitive
 from privimage.errors import UserError
 from privimage.methods import METHODS, STAGE_TABLE, Method
-from privimage.planning import (Plan, classifier_throughput, evaluations_per_classifier, make_plan, probe,
-                                replan_pretraining)
+from privimage.planning import BudgetClock, Plan, classifier_throughput, make_plan, probe, replan_pretraining
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
@@ -43,6 +42,7 @@ from privimage.stages.semantics import semantic_classifier_is_cached
 logger = logging.getLogger(__name__)
 
 SPLIT_KEY_BYTES = 32
+TIMINGS_FILE = "timings.json"  # in private/: each stage's measured seconds
 # Settings that, once a run directory has spent privacy, may not change under it.
 _FROZEN_KEYS = ("privacy", "data")
 
@@ -66,8 +66,7 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
         self._marker_notes: dict[str, dict] = {}  # extra facts a stage records in its marker
-        self.started = time.monotonic()  # `minutes` counts from here, less any wait before `create()`
-        self._validated_at: float | None = None
+        self.clock = BudgetClock(cfg.minutes)  # `minutes` counts from here (planning.BudgetClock)
         self.plan: Plan | None = None
 
     def validate(self) -> "Pipeline":
@@ -88,12 +87,12 @@ class Pipeline:
         if self.cfg.minutes is not None and self.method.follows_budget:
             self._apply_plan()
         self.planned_mechanisms()  # refuses a budget too small to train
-        self._validated_at = time.monotonic()
+        self.clock.pause()  # `bench` validates every run before the first starts: the wait is not this run's time
         return self
 
     def seconds_left(self) -> float:
-        """Of the `minutes` budget."""
-        return 60 * self.cfg.minutes - (time.monotonic() - self.started)
+        """Of the `minutes` budget, on its clock (planning.BudgetClock)."""
+        return self.clock.left()
 
     def _check_selection_fits(self) -> None:
         s, num_public = self.cfg.semantics, self.public.num_classes
@@ -126,7 +125,6 @@ class Pipeline:
                 self.cfg, self.public, self.device)
             semantics_seconds = c.epochs * len(self.public) * throughput["semantic_classifier_image_epoch"]
         plan = make_plan(self.cfg, throughput, self.seconds_left(), semantics_seconds=semantics_seconds,
-                         evaluations_per_classifier=evaluations_per_classifier(self.cfg),
                          uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
         self._log_plan("plan for %g minutes: %s", plan)
         return plan
@@ -134,7 +132,8 @@ class Pipeline:
     def _log_plan(self, message: str, plan: Plan) -> None:
         logger.info(message, self.cfg.minutes, json.dumps(
             {"pretrain_steps": plan.pretrain_steps, "finetune_steps": plan.finetune_steps,
-             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()}}))
+             "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()},
+             **({"evaluation_trimmed": plan.evaluation} if plan.evaluation else {})}))
 
     def _replan_pretraining(self) -> None:
         """Fit pretraining's steps to the seconds left when it starts (planning.replan_pretraining), once
@@ -161,9 +160,8 @@ class Pipeline:
         no split key is refused: a fresh ledger would forget what was spent, a fresh key would move
         images between the train and test splits.
         """
-        if self._validated_at is not None:  # `bench` validates every run before the first starts: the
-            self.started += time.monotonic() - self._validated_at  # wait is not this run's time
-            self._validated_at = None
+        if self.clock.paused:
+            self.clock.resume()
         created = not self.run.root.exists()
         privacy = self.cfg.privacy
         if distributed.is_main():
@@ -226,8 +224,10 @@ class Pipeline:
     @cached_property
     def _sensitive(self) -> tuple[ImageDataset, ImageDataset]:
         d = self.cfg.data
-        return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels, test_fraction=d.test_fraction,
-                              test_spec=d.sensitive_test, cache_dir=self.cache_dir, split_key=self.split_key)
+        with self.clock.reading_sensitive():  # how long decoding takes depends on the images
+            return load_sensitive(d.sensitive, resolution=d.resolution, channels=d.channels,
+                                  test_fraction=d.test_fraction, test_spec=d.sensitive_test, cache_dir=self.cache_dir,
+                                  split_key=self.split_key)
 
     @property
     def sensitive_train(self) -> ImageDataset:
@@ -285,15 +285,24 @@ class Pipeline:
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        STAGE_TABLE[stage].module.run(self)
+        started, on_clock = time.perf_counter(), self.clock.spent()
+        if STAGE_TABLE[stage].reads_sensitive:
+            planned = self.plan.expected_seconds.get(stage, 0.0) if self.plan is not None else 0.0
+            with self.clock.reading_sensitive(planned):
+                STAGE_TABLE[stage].module.run(self)
+        else:
+            STAGE_TABLE[stage].module.run(self)
         seconds = time.perf_counter() - started
         if distributed.is_main():
-            marker = {"fingerprint": self.stage_fingerprint(stage), "seconds": seconds,
+            # The shareable marker holds the stage's seconds on the budget's clock, which counts reading
+            # sensitive data as planned; the measured seconds are the owner's (private/timings.json).
+            marker = {"fingerprint": self.stage_fingerprint(stage), "seconds": self.clock.spent() - on_clock,
                       **self._marker_notes.pop(stage, {})}
             if on_gpu:
                 marker["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             write_json(self.run.stages / f"{stage}.json", marker)
+            timings = self.run.private / TIMINGS_FILE
+            write_json(timings, {**(read_json(timings) if timings.exists() else {}), stage: seconds}, private=True)
         distributed.barrier()
         return StageResult(stage, skipped=False, seconds=seconds)
 

@@ -2,19 +2,25 @@
 
 The probe times one pretraining step, one DP-SGD step, two sampler steps, a few batches of classifier
 training, (with the warm start) DP-MERF generator updates and (with FID) Inception, each the call its
-stage makes, all on random tensors of the run's shapes, never on sensitive images. So the plan, and
-the DP-SGD steps T and noise σ that follow from it, are fixed before any sensitive image is read, and
-leak nothing about it but the machine's speed.
+stage makes, all on random tensors of the run's shapes, never on sensitive images.
 
 Fixed-size work (the semantic classifier, the warm start's generator, sampling `sample.n` images,
-evaluation) is planned at its configured size. What remains of the budget, less a safety margin, goes to pretraining and DP
-fine-tuning, whose configured step counts are scaled by one common factor: the configured recipe
-keeps its proportions and grows or shrinks with the machine.
+evaluation) is planned at its configured size. What remains of the budget, less a safety margin, goes to
+pretraining and DP fine-tuning, whose configured step counts are scaled by one common factor: the
+configured recipe keeps its proportions and grows or shrinks with the machine. Neither goes below its
+floor (`pretrain.min_steps`, `finetune.min_steps`): where the floors do not fit, optional evaluation is
+trimmed first (the real-data reference, FID, then every classifier but the first), and where they still
+do not fit the run is refused, naming the minutes this machine needs.
+
+The budget's clock (`BudgetClock`) counts work that reads sensitive data at its planned seconds, never
+at its measured ones. So the plan, DP-SGD's T and σ, pretraining's replanned steps and where it stops
+depend on the probe, N and the duration of public work alone: a sensitive image that is slow to decode
+or a query that runs long moves nothing that is published.
 
 When pretraining is about to start (the semantics and the warm start done), its step count is planned
-again from the seconds actually left (`replan_pretraining`). Pretraining reads no sensitive image, so
-its step count may follow the clock; DP-SGD's T stays as first planned, since σ was calibrated for it.
-Where the stages already run took longer than planned, the probe was optimistic for this machine (a
+again from the seconds left on that clock (`replan_pretraining`). Pretraining reads no sensitive image,
+so its step count may follow the clock; DP-SGD's T stays as first planned, since σ was calibrated for it.
+Where the public work already run took longer than planned, the probe was optimistic for this machine (a
 short probe catches a CPU at its burst speed): the rest of the plan is slowed by the same ratio.
 """
 
@@ -23,11 +29,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, replace
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from privimage.data import ImageDataset, to_tensor
 from privimage.stages.finetune import finetune_schedule
@@ -48,6 +55,59 @@ STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early (pretrain
 AFTER_PRETRAINING = ("finetune", "sample", "evaluate", "report")  # the stages a late pretraining must leave time for
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
+# Optional evaluation, dropped in this order where the training floors do not fit the budget: the owner's
+# real-data reference, FID, then every downstream classifier but the first (the headline CNN stays).
+EVALUATION_TRIMS = ({"evaluate": {"reference": False}}, {"evaluate": {"fid": False}}, "classifiers")
+
+
+class BudgetClock:
+    """Seconds spent of a time budget, with work that reads sensitive data counted at its planned seconds.
+
+    A duration that depends on the sensitive data (decoding it, querying it, DP-SGD on it) must not move
+    what the plan publishes: pretraining's steps shape the released model. So `reading_sensitive(planned)`
+    stops the clock for its block and charges `planned` instead; the wall clock may then run over the
+    budget by the difference, which is the price of leaking nothing. `pause()`/`resume()` leave out time
+    that is not the run's own (`privimage bench` validates every run before the first starts).
+    """
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self._started = time.monotonic()
+        self._stopped_at: float | None = None
+        self._depth = 0  # nested stops count once
+        self._excluded = 0.0
+        self._charged = 0.0
+
+    def spent(self) -> float:
+        now = self._stopped_at if self._stopped_at is not None else time.monotonic()
+        return now - self._started - self._excluded + self._charged
+
+    def left(self) -> float:
+        return 60 * self.minutes - self.spent()
+
+    @property
+    def paused(self) -> bool:
+        return self._depth > 0
+
+    def pause(self) -> None:
+        if self._depth == 0:
+            self._stopped_at = time.monotonic()
+        self._depth += 1
+
+    def resume(self, charge: float = 0.0) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._excluded += time.monotonic() - self._stopped_at
+            self._stopped_at = None
+        self._charged += charge
+
+    @contextmanager
+    def reading_sensitive(self, planned_seconds: float = 0.0) -> Iterator[None]:
+        self.pause()
+        try:
+            yield
+        finally:
+            self.resume(charge=planned_seconds)
 
 
 @dataclass(frozen=True)
@@ -60,12 +120,15 @@ class Plan:
     finetune_steps: int
     replanned_seconds_left: float | None = None  # of the budget when pretraining's steps were planned again
     slowdown: float | None = None  # at the replan: the stages run so far, actual over expected seconds (>= 1)
+    evaluation: dict = field(default_factory=dict)  # evaluate keys trimmed to fit the training floors
+    pretrain_floor: int = 1  # pretraining's steps are never planned again, nor stopped early, below it
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def overrides(self) -> dict:
-        return {"pretrain": {"steps": self.pretrain_steps}, "finetune": {"steps": self.finetune_steps, "epochs": None}}
+        return {"pretrain": {"steps": self.pretrain_steps}, "finetune": {"steps": self.finetune_steps, "epochs": None},
+                **({"evaluate": self.evaluation} if self.evaluation else {})}
 
 
 def _seconds(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -164,54 +227,87 @@ def evaluations_per_classifier(cfg: DictConfig) -> int:
     return 1 + int(e.augment > 0) + int(bool(e.reference))
 
 
-def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
-              evaluations_per_classifier: int, uses_pretraining: bool, num_samples: int) -> Plan:
-    """Scale the configured pretraining and DP-SGD steps so that the run ends within `seconds_left`."""
+def _fixed_seconds(cfg: DictConfig, throughput: dict[str, float], semantics_seconds: float) -> dict[str, float]:
+    """Expected seconds of the fixed-size stages, at their configured sizes."""
     s, e = cfg.sample, cfg.evaluate
     denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
-    expected = {
+    return {
         "semantics": semantics_seconds,
         **({"warmstart": cfg.dpmerf.steps * throughput["generator_step"]} if "generator_step" in throughput else {}),
         "sample": s.n * denoiser_calls * throughput["denoiser_image"],
-        "evaluate": sum(evaluations_per_classifier * e.classifier_epochs * s.n
+        "evaluate": sum(evaluations_per_classifier(cfg) * e.classifier_epochs * s.n
                         * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)
         + (2 * e.fid_samples * throughput["inception_image"] if e.fid else 0.0),
         "report": REPORT_SECONDS,
     }
+
+
+def _trimmed(cfg: DictConfig, trim) -> dict:
+    """The evaluate overrides of one step of EVALUATION_TRIMS (empty where it changes nothing)."""
+    if trim == "classifiers":
+        return {"evaluate": {"classifiers": list(cfg.evaluate.classifiers[:1])}} if len(cfg.evaluate.classifiers) > 1 else {}
+    key, value = next(iter(trim["evaluate"].items()))
+    return trim if cfg.evaluate[key] != value else {}
+
+
+def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
+              uses_pretraining: bool, num_samples: int) -> Plan:
+    """Scale the configured pretraining and DP-SGD steps so that the run ends within `seconds_left`, each at
+    least its floor; trim optional evaluation, or refuse, where the floors do not fit."""
     pretrain_steps = cfg.pretrain.steps if uses_pretraining else 0
+    pretrain_floor = min(cfg.pretrain.min_steps, pretrain_steps) if uses_pretraining else 0
     sample_rate, dp_steps = finetune_schedule(cfg, num_samples)
-    dp_step = sample_rate * num_samples * throughput["dp_sample"]
-    configured = pretrain_steps * throughput["pretrain_step"] + dp_steps * dp_step
-    trainable = SAFETY * seconds_left - sum(expected.values())
-    factor = trainable / configured
-    planned_pretrain = math.floor(factor * pretrain_steps)
-    planned_finetune = math.floor(factor * dp_steps)
-    if planned_finetune < 1 or (uses_pretraining and planned_pretrain < 1):
+    finetune_floor = max(1, min(cfg.finetune.min_steps, dp_steps))
+    step, dp_step = throughput["pretrain_step"], sample_rate * num_samples * throughput["dp_sample"]
+    floors = pretrain_floor * step + finetune_floor * dp_step
+    trims, evaluation = list(EVALUATION_TRIMS), {}
+    while True:
+        expected = _fixed_seconds(OmegaConf.merge(cfg, {"evaluate": evaluation}), throughput, semantics_seconds)
+        trainable = SAFETY * seconds_left - sum(expected.values())
+        if trainable >= floors or not trims:
+            break
+        evaluation = {**evaluation, **_trimmed(OmegaConf.merge(cfg, {"evaluate": evaluation}), trims.pop(0)).get("evaluate", {})}
+    if trainable < floors:
+        spent = 60 * cfg.minutes - seconds_left
+        needed = math.ceil((spent + (sum(expected.values()) + floors) / SAFETY) / 60)
         raise UserError(
-            f"--minutes {cfg.minutes:g} leaves {max(trainable, 0):.0f} s for training after sampling and "
-            f"evaluation ({sum(expected.values()):.0f} s expected): raise --minutes, or lower sample.n or "
-            "evaluate.classifier_epochs"
+            f"--minutes {cfg.minutes:g} is too short for this machine: the fixed work and the training floors "
+            f"({pretrain_floor} pretraining and {finetune_floor} DP-SGD steps, pretrain.min_steps and "
+            f"finetune.min_steps, below which samples are near chance) need about {needed} minutes here: "
+            f"--minutes {needed}"
         )
-    expected["pretrain"] = planned_pretrain * throughput["pretrain_step"]
+    # One common factor keeps the recipe's proportions; a step count under its floor is raised to it and
+    # the other takes what is left.
+    factor = trainable / (pretrain_steps * step + dp_steps * dp_step)
+    planned_pretrain, planned_finetune = math.floor(factor * pretrain_steps), math.floor(factor * dp_steps)
+    if planned_pretrain < pretrain_floor:
+        planned_pretrain = pretrain_floor
+        planned_finetune = math.floor((trainable - pretrain_floor * step) / dp_step)
+    elif planned_finetune < finetune_floor:
+        planned_finetune = finetune_floor
+        planned_pretrain = math.floor((trainable - finetune_floor * dp_step) / step) if uses_pretraining else 0
+    expected["pretrain"] = planned_pretrain * step
     expected["finetune"] = planned_finetune * dp_step
     return Plan(minutes=float(cfg.minutes), seconds_left=seconds_left, throughput=throughput,
-                expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune)
+                expected_seconds=expected, pretrain_steps=planned_pretrain, finetune_steps=planned_finetune,
+                evaluation=evaluation, pretrain_floor=pretrain_floor)
 
 
 def replan_pretraining(plan: Plan, seconds_left: float, stage_seconds: dict[str, float]) -> Plan:
     """The plan with pretraining's steps fitted to the `seconds_left` when it starts.
 
-    `stage_seconds` are the actual seconds of the stages already run. Where they took longer than
-    planned, pretraining's step and the stages after it are expected to take longer by the same ratio;
-    where they were faster, the plan stays as it was (a fast start is no promise). Never fewer than one
-    step: a run that is late still trains.
+    `stage_seconds` are the seconds of the stages already run on the budget's clock (their public work
+    as measured, their reading of sensitive data as planned). Where they took longer than planned,
+    pretraining's step and the stages after it are expected to take longer by the same ratio; where they
+    were faster, the plan stays as it was (a fast start is no promise). Never fewer than the plan's
+    `pretrain_floor`: a run that is late still learns, and ends late.
     """
     planned = sum(plan.expected_seconds.get(stage, 0.0) for stage in stage_seconds)
     slowdown = max(1.0, sum(stage_seconds.values()) / planned) if planned > 0 else 1.0
     expected = {**plan.expected_seconds,
                 **{stage: slowdown * plan.expected_seconds[stage] for stage in AFTER_PRETRAINING}}
     step = slowdown * plan.throughput["pretrain_step"]
-    steps = max(1, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[s] for s in AFTER_PRETRAINING)) / step))
+    steps = max(plan.pretrain_floor, math.floor((REPLAN_SAFETY * seconds_left - sum(expected[s] for s in AFTER_PRETRAINING)) / step))
     return replace(plan, pretrain_steps=steps, expected_seconds={**expected, "pretrain": steps * step},
                    replanned_seconds_left=seconds_left, slowdown=slowdown)
 
@@ -221,8 +317,11 @@ def pretraining_is_late(plan: Plan, seconds_left: float, steps_done: int, second
 
     The machine may slow down after the probe (a shared host, a throttled chip). Pretraining measures its
     own pace against the plan's; it stops once the stages after it, expected that much slower too, and
-    a margin of STOP_MARGIN of the budget, no longer fit in the `seconds_left`. Pretraining reads no
-    sensitive image, so where it stops leaks nothing; DP-SGD's T and σ do not change.
+    a margin of STOP_MARGIN of the budget, no longer fit in the `seconds_left`. `steps_done` and
+    `seconds_so_far` should leave out the first steps, which warm caches and allocators up and say little
+    of the pace to come (stages/pretrain.py measures from its first check). Pretraining reads no
+    sensitive image and `seconds_left` is on the budget's clock, so where it stops leaks nothing; DP-SGD's
+    T and σ do not change.
     """
     planned_step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
     pace = max(1.0, seconds_so_far / (steps_done * planned_step))

@@ -111,8 +111,9 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
     cfg, names, r = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.cfg.dpmerf
     path = generator_path(pipeline.run, stage)
     if distributed.is_main():
-        noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
-                                    planned=planned, name=name, features=features, device=pipeline.device)
+        with pipeline.clock.reading_sensitive():  # the generator's fit is public work, on the budget's clock
+            noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
+                                        planned=planned, name=name, features=features, device=pipeline.device)
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
             generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage})

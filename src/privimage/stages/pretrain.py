@@ -230,13 +230,24 @@ def run(pipeline: Pipeline) -> None:
 
 
 def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
-    """With `minutes`, whether pretraining is late for the budget (planning.pretraining_is_late)."""
+    """With `minutes`, whether pretraining is late for the budget (planning.pretraining_is_late).
+
+    Its pace is measured from the first check on: the first steps warm caches and allocators up and
+    would read as a slow machine. It never stops before the plan's floor."""
     if pipeline.plan is None:
         return None
     from privimage.planning import pretraining_is_late  # here: planning → finetune → this module
 
-    plan = pipeline.plan
-    return lambda steps, seconds: pretraining_is_late(plan, pipeline.seconds_left(), steps, seconds)
+    plan, first = pipeline.plan, []
+
+    def is_late(steps: int, seconds: float) -> bool:
+        if not first:
+            first.append((steps, seconds))
+            return False
+        return steps >= plan.pretrain_floor and pretraining_is_late(
+            plan, pipeline.seconds_left(), steps - first[0][0], seconds - first[0][1])
+
+    return is_late
 
 
 def _copy(source: Path, target: Path) -> None:

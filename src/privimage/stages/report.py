@@ -169,9 +169,13 @@ def _plan_section(run: RunDir) -> str:
     pretrained = run.stages / "pretrain.json"
     stopped = read_json(pretrained).get("stopped_early_at") if pretrained.exists() else None
     late = "" if stopped is None else f" (stopped after {stopped}: the machine ran slower than planned)"
+    trimmed = plan.get("evaluation") or {}
+    trims = "" if not trimmed else (" Trimmed to fit the training floors: "
+                                    + ", ".join(f"evaluate.{k}={v}" for k, v in trimmed.items()) + ".")
     return (f"<p>Budget {plan['minutes']:g} min, {plan['seconds_left'] / 60:.1f} min left when planned: "
-            f"{plan['pretrain_steps']} pretraining steps{again}{late}, {plan['finetune_steps']} DP-SGD steps.</p>"
-            + _table(["stage", "expected min", "measured min"], rows)
+            f"{plan['pretrain_steps']} pretraining steps{again}{late}, {plan['finetune_steps']} DP-SGD steps."
+            f"{html.escape(trims)}</p>"
+            + _table(["stage", "expected min", "min on the budget's clock"], rows)
             + f"<p class=note>Probe on random data (per unit): {html.escape(probe)}</p>")
 
 

@@ -116,11 +116,12 @@ def run_semantics(
     sensitive_train: ImageDataset,
     sensitive_test: ImageDataset,
     public: ImageDataset,
-    cache_dir: Path,
+    classifier: tuple[nn.Module, float],
     device: torch.device,
     release: str,
 ) -> dict | None:
-    """Train (or reuse) the classifier, run the DP vote query, write `semantics.json`.
+    """Run the DP vote query of `classifier` (the model and its public holdout accuracy, from
+    `semantic_classifier`), write `semantics.json`.
 
     `release` names this query (the stage's fingerprint). It is booked once, and marked released in
     the ledger before `semantics.json` is written. Rerun, the stage reuses the `semantics.json` of
@@ -129,7 +130,7 @@ def run_semantics(
     """
     s = cfg.semantics
     per_class = s.per_class or s.k
-    model, holdout_accuracy = semantic_classifier(cfg, public, cache_dir, device)  # DDP under torchrun
+    model, holdout_accuracy = classifier
     if not distributed.is_main():
         return None  # the query itself is cheap: rank 0 alone runs and books it
 
@@ -195,5 +196,8 @@ def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_
 
 
 def run(pipeline: Pipeline) -> None:
-    run_semantics(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pipeline.sensitive_test,
-                  pipeline.public, pipeline.cache_dir, pipeline.device, release=pipeline.stage_fingerprint("semantics"))
+    # Public work on the budget's clock (DDP under torchrun); the query reads sensitive data, so it is not.
+    classifier = semantic_classifier(pipeline.cfg, pipeline.public, pipeline.cache_dir, pipeline.device)
+    with pipeline.clock.reading_sensitive():
+        run_semantics(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pipeline.sensitive_test,
+                      pipeline.public, classifier, pipeline.device, release=pipeline.stage_fingerprint("semantics"))
