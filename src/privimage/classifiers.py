@@ -58,8 +58,8 @@ class ResNetGN(nn.Module):
 
     The head averages the last feature maps over a 4×4 grid instead of globally. GroupNorm centres
     each image's feature maps, so a global mean says little, and where a stroke is matters for
-    characters; it also transfers best from UCI digits to MNIST, the semantic query's job (README,
-    "Design measurements").
+    characters; it also transfers best from UCI digits to MNIST, the semantic query's job
+    (docs/experiments.md#design-measurements).
     """
 
     def __init__(

@@ -38,8 +38,7 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         reason = str(exc).splitlines()[0]
         if isinstance(exc, ConfigKeyError):
             raise UserError(
-                f"{source}: unknown config key '{key}': see `privimage run --help` or "
-                "src/privimage/presets/base.yaml for the keys privimage knows"
+                f"{source}: unknown config key '{key}': `privimage config` lists every key privimage knows"
             ) from None
         raise UserError(f"{source}: bad value for '{key}': {reason}") from None
     _check_sections(base, merged, source)

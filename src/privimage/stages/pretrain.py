@@ -99,7 +99,7 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     With `pretrain.bf16` the forward pass (and so the backward) runs under bf16 autocast, on a CPU too
     (weights, optimizer and EMA stay float32): AVX-512 BF16 cores take a step faster than in float32,
-    and on a CPU budget steps are what accuracy follows (benchmarks/bf16_levers.py, README).
+    and on a CPU budget steps are what accuracy follows (benchmarks/bf16_levers.py, docs/performance.md#bf16).
     """
     p = cfg.pretrain
     folder, num_classes = run.pretrain_dir, data.num_classes
