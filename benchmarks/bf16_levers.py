@@ -5,8 +5,8 @@ semantics.classifier.bf16), as ratios.
     PYTHONPATH=src python benchmarks/bf16_levers.py [--repeats 5] [key=value ...]
 
 Random weights and data of the default shapes (cost does not depend on them); the variants take turns
-and the median of each is compared. The ratios differ between CPUs that all have AVX-512 BF16 (README,
-"DP fine-tuning levers").
+and the median of each is compared. The ratios differ between CPUs that all have AVX-512 BF16
+(docs/performance.md#bf16).
 """
 
 from __future__ import annotations

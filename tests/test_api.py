@@ -248,5 +248,5 @@ def test_cli_commands_go_through_the_api(tmp_path, monkeypatch, capsys, command)
     monkeypatch.setattr(sys, "argv", ["privimage", command, "--preset", "quick", "--out", str(tmp_path / "r"), *extra])
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
-    assert exit_info.value.code == 2 and "reached the API" in capsys.readouterr().err
+    assert exit_info.value.code == 3 and "reached the API" in capsys.readouterr().err
     assert calls == [(None if command == "run" else [command], 5 if command == "run" else None, tmp_path / "r")]

@@ -52,7 +52,7 @@ def test_audit_refuses_a_used_directory(tmp_path, cache_dir):
     result = subprocess.run([sys.executable, "-m", "privimage", "audit", "--preset", "quick", "--out", "a"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
-    assert result.returncode == 2 and "needs a new --out" in result.stderr
+    assert result.returncode == 3 and "needs a new --out" in result.stderr
 
 
 def test_the_audit_reads_no_sensitive_data(tmp_path, cache_dir, monkeypatch):

@@ -1,5 +1,5 @@
 """The rest of the bad-input matrix (file-level cases are in test_data_user.py): each case is handled
-correctly or is a one-line error with exit status 2, no traceback and no half-made run directory."""
+correctly or is a one-line error with exit status 3, no traceback and no half-made run directory."""
 
 import errno
 import os
@@ -22,7 +22,7 @@ def privimage(*args, cwd, cache_dir):
 
 def one_line_error(result, *words):
     lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]  # not progress bars
-    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.returncode == 3, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in result.stderr, lines
     for word in words:
         assert word in lines[0], (word, lines[0])
@@ -80,7 +80,7 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path, cache_dir, monkeypatch, 
     monkeypatch.setattr(sys, "argv", args)
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 3
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "no space left" in lines[0] and "run the same command again" in lines[0]
     checkpoint = tmp_path / "r" / "pretrain" / "checkpoint.safetensors"

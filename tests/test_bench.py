@@ -76,5 +76,5 @@ def test_a_bad_input_leaves_no_benchmark_folder(tmp_path, cache_dir):
         [sys.executable, "-m", "privimage", "bench", "--preset", "quick", "--out", "b", "--methods", "pdp,dpdm",
          "data.sensitive=/nonexistent/images"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    assert result.returncode == 3 and "does not exist" in result.stderr
     assert not (tmp_path / "b").exists()  # not even the shared split key

@@ -122,7 +122,7 @@ def test_a_second_process_on_the_same_run_directory_is_refused(finetuned, tmp_pa
         opened(quick(cache_dir), run)
     result = subprocess.run([sys.executable, "-m", "privimage", "finetune", "--out", str(run)], capture_output=True,
                             text=True, timeout=300, env={**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)})
-    assert result.returncode == 2 and f"pid {os.getpid()}" in result.stderr
+    assert result.returncode == 3 and f"pid {os.getpid()}" in result.stderr
     holder.close()
     opened(quick(cache_dir), run).close()  # free again once the holder is done
 

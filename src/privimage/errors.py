@@ -1,7 +1,7 @@
 """The one exception type that reaches users.
 
 Anything the user can fix (a path, a config value, a budget) raises `UserError` with a single
-sentence naming the problem and the fix; the CLI prints it as one line and exits with status 2.
+sentence naming the problem and the fix; the CLI prints it as one line and exits with status 3 (2 is a bad command line).
 Every other exception is a bug and keeps its traceback.
 """
 
