@@ -9,7 +9,7 @@ from dp_accounting.rdp import RdpAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit, budget,
+from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit,
                                           calibrate_noise_multiplier, compose_epsilon)
 
 DELTA = 1e-5
@@ -100,25 +100,6 @@ def test_bad_inputs_are_value_errors_without_config_keys(kwargs: dict, message: 
     args = {"target_epsilon": 1.0, "delta": DELTA, "sample_rate": 0.01, "steps": 10} | kwargs
     with pytest.raises(ValueError, match=message):
         calibrate_noise_multiplier(**args)
-
-
-def test_budget_splits_the_target() -> None:
-    report = budget(epsilon=10.0, delta=DELTA, query_sigma=20.0, sample_rate=0.02, steps=60)
-    assert set(report) == {"noise_multiplier", "epsilon", "epsilon_query_only", "epsilon_dpsgd_only", "delta",
-                           "accountant"}
-    assert 9.9 <= report["epsilon"] <= 10.0
-    assert 0 < report["epsilon_query_only"] < report["epsilon"]
-    assert report["epsilon_dpsgd_only"] < report["epsilon"]
-    assert report["epsilon"] == pytest.approx(
-        compose_epsilon(mechanisms(20.0, 0.02, 60, report["noise_multiplier"]), DELTA)
-    )
-    assert (report["delta"], report["accountant"]) == (DELTA, "rdp")
-
-
-def test_budget_without_query() -> None:
-    report = budget(epsilon=1.0, delta=DELTA, query_sigma=0, sample_rate=0.02, steps=60)
-    assert report["epsilon_query_only"] == 0.0
-    assert report["epsilon_dpsgd_only"] == report["epsilon"]
 
 
 def test_mechanism_round_trip_and_validation() -> None:

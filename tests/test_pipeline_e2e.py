@@ -51,6 +51,22 @@ def test_ledger_composes_query_and_dpsgd_within_target(quick_run):
     assert ledger["spent"]["epsilon"] >= 0.99 * ledger["target"]["epsilon"]  # the calibration uses the budget
 
 
+def test_budget_and_the_dry_run_print_what_the_run_booked(quick_run, cache_dir):
+    """`privimage budget` once composed only the query and DP-SGD, and printed σ 0.68 where a run booked
+    0.86 with the warm start: the tools and the stages now read one privacy plan."""
+    run, _ = quick_run
+    booked = json.loads((run / "privacy.json").read_text())["entries"]
+    for command in (["budget"], ["run", "--dry-run"]):
+        result = privimage(*command, "--out", str(run), cwd=run.parent, cache_dir=cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        plan = json.loads(result.stdout[result.stdout.rindex('{\n "releases"'):])
+        assert [r["stage"] for r in plan["releases"]] == [e["stage"] for e in booked]
+        for release, entry in zip(plan["releases"], booked):
+            assert release["noise_multiplier"] == pytest.approx(entry["noise_multiplier"], rel=1e-9)
+            assert (release["sample_rate"], release["steps"]) == (entry["sample_rate"], entry["steps"])
+        assert plan["epsilon"] <= plan["target"]["epsilon"]
+
+
 def test_semantics_artifact_holds_only_noisy_values(quick_run):
     run, _ = quick_run
     semantics = json.loads((run / "semantics.json").read_text())

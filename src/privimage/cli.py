@@ -110,6 +110,9 @@ def run(
     out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
     minutes: _minutes_option("Time budget of the whole run in minutes (the `minutes` key); default: the "
                              "preset's (15 for the default preset, none for quick: step counts as configured).") = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=(
+        "Check the input, plan the time and the privacy budget, print both, and stop: nothing is written "
+        "and nothing is released."))] = False,
 ) -> None:
     """Run the whole pipeline: semantics → warmstart → pretrain → finetune → sample → evaluate → report."""
     from privimage.report.summary import print_summary
@@ -121,6 +124,15 @@ def run(
             raise UserError(f"--minutes takes one budget for run (got '{minutes}'): compare budgets with privimage bench")
         extra = [f"minutes={budgets[0]}"]
     model = _model(out, preset, config, [*(overrides or []), *extra])
+    if dry_run:
+        pipeline = model.pipeline.validate()
+        if pipeline.plan is not None:
+            plan = pipeline.plan
+            print(json.dumps({"time_plan": {"minutes": plan.minutes, "pretrain_steps": plan.pretrain_steps,
+                                            "finetune_steps": plan.finetune_steps, "evaluation_trimmed": plan.evaluation,
+                                            "expected_seconds": plan.expected_seconds}}, indent=1))
+        _print_privacy_plan(pipeline)
+        return
     results = model.run(on_stage=lambda r: console.print(f"[bold]{r.stage}[/]: {_status(r)}"))
     print_summary(model.pipeline.run, results, console)
 
@@ -320,32 +332,19 @@ def audit(
 
 
 @app.command(rich_help_panel=TOOLS, epilog=(
-    "Example: `privimage budget --epsilon 10 --delta 1e-5 --query-sigma 20 --sample-rate 0.25 --steps 60`"))
-def budget(
-    epsilon: Annotated[float, typer.Option(help="Target ε.")],
-    delta: Annotated[float, typer.Option(help="Target δ.")],
-    query_sigma: Annotated[float, typer.Option(help="Noise multiplier of the semantic query (0: no query).")],
-    sample_rate: Annotated[float, typer.Option(help="DP-SGD Poisson sampling rate q.")],
-    steps: Annotated[int, typer.Option(help="DP-SGD steps T.")],
-    accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
-) -> None:
-    """Calibrate DP-SGD's noise so that query + DP-SGD meet (ε, δ); prints one JSON object."""
-    from privimage.privacy.accountant import FixedReleasesExceedTarget, NoiseBeyondLimit, budget as compute_budget
+    "Examples: `privimage budget` (the default run), `privimage budget privacy.epsilon=1 warm_start.epsilon_share=0.5`"))
+def budget(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None) -> None:
+    """Where ε goes: every release a run of this config books, its σ and its ε alone; prints one JSON object.
 
-    if not 0 < sample_rate <= 1:
-        raise UserError(f"--sample-rate must be in (0, 1] (got {sample_rate})")
-    if steps < 1:
-        raise UserError(f"--steps must be >= 1 (got {steps})")
-    if accountant not in ("rdp", "prv"):
-        raise UserError(f"--accountant must be rdp or prv (got {accountant})")
-    if epsilon <= 0 or not 0 < delta < 1 or query_sigma < 0:
-        raise UserError("need --epsilon > 0, 0 < --delta < 1 and --query-sigma >= 0")
-    try:
-        print(json.dumps(compute_budget(epsilon, delta, query_sigma, sample_rate, steps, accountant)))
-    except FixedReleasesExceedTarget as error:
-        raise UserError(f"{error}: raise --query-sigma or --epsilon") from None
-    except NoiseBeyondLimit as error:
-        raise UserError(f"{error}: raise --epsilon or lower --steps") from None
+    It reads the config as `run` does (an existing --out keeps its own plan) and counts the sensitive
+    training images; it writes nothing. With `minutes`, DP-SGD's steps come from a time plan probed now."""
+    _print_privacy_plan(_model(out, preset, config, overrides).pipeline.validate())
+
+
+def _print_privacy_plan(pipeline) -> None:
+    from privimage.privacy.plan import summary
+
+    print(json.dumps(summary(pipeline.cfg, len(pipeline.sensitive_train), pipeline.privacy_plan()), indent=1))
 
 
 @app.command(rich_help_panel=TOOLS, epilog="Example: `privimage datasets`")

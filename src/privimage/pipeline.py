@@ -33,6 +33,7 @@ from privimage.methods import METHODS, STAGE_TABLE, Method
 from privimage.planning import BudgetClock, Plan, classifier_throughput, make_plan, probe, replan_pretraining
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.plan import PlannedRelease, plan_releases
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
 from privimage.stages.pretrain import label_rows
@@ -244,14 +245,15 @@ class Pipeline:
                             glyph_samples=d.glyph_samples, seed=0, convert=True)
 
     # -- privacy plan ---------------------------------------------------------------------------
+    def privacy_plan(self) -> list[PlannedRelease]:
+        """Every release the run will book, in stage order (privacy/plan.py)."""
+        return plan_releases(self.cfg, len(self.sensitive_train), [
+            (stage, STAGE_TABLE[stage].module.mechanism) for stage in self.stages() if STAGE_TABLE[stage].spends_privacy])
+
     def planned_mechanisms(self) -> list[Mechanism]:
         """Every mechanism the run will apply, in stage order; the last one's σ is calibrated so that the
         composition meets the target."""
-        mechanisms: list[Mechanism] = []
-        for stage in self.stages():
-            if STAGE_TABLE[stage].spends_privacy:
-                mechanisms.append(STAGE_TABLE[stage].module.mechanism(self.cfg, len(self.sensitive_train), mechanisms))
-        return mechanisms
+        return [release.mechanism for release in self.privacy_plan()]
 
     # -- stages ----------------------------------------------------------------------------------
     def stages(self) -> tuple[str, ...]:

@@ -1,10 +1,11 @@
 """Privacy accounting: what every noisy release costs, composed over the whole run.
 
-A run releases two things computed from sensitive data: the noisy vote histogram of the semantic
-query (a Gaussian mechanism with sampling rate 1, one step) and the DP-SGD updates (a
-Poisson-subsampled Gaussian mechanism over many steps). Both are Gaussian mechanisms under the
-add/remove-one neighbouring relation, so Opacus' accountants compose them as a history of
-`(noise_multiplier, sample_rate, steps)`; this module never does the maths itself.
+A run releases a few things computed from sensitive data: the noisy vote histogram of the semantic
+query and the warm start's (or DP-MERF's) noisy embedding (Gaussian mechanisms with sampling rate 1,
+one step), and the DP-SGD updates (a Poisson-subsampled Gaussian mechanism over many steps). All are
+Gaussian mechanisms under the add/remove-one neighbouring relation, so Opacus' accountants compose them
+as a history of `(noise_multiplier, sample_rate, steps)`; this module never does the maths itself.
+Which releases a run makes, in order, is privacy/plan.py's.
 
 - `rdp` (default): Renyi DP (Mironov et al. 2019) converted with Balle et al. 2020. Opacus' default
   orders stop at 63, which is loose for tiny ε (a lone query at σ_q = 50), so we add the large orders
@@ -177,30 +178,3 @@ def calibrate_noise_multiplier(
             f"(the other releases spend {fixed_epsilon:.3g})")
     log.debug("calibrated DP-SGD noise multiplier %.4f for ε=%g, δ=%g (%s)", sigma, target_epsilon, delta, accountant)
     return sigma
-
-
-def budget(
-    epsilon: float,
-    delta: float,
-    query_sigma: float,
-    sample_rate: float,
-    steps: int,
-    accountant: str = "rdp",
-) -> dict[str, Any]:
-    """How a target (ε, δ) splits between the semantic query and DP-SGD: `privimage budget`'s JSON.
-
-    `query_sigma == 0` means the run makes no semantic query (e.g. methods without selection).
-    """
-    if query_sigma < 0:
-        raise ValueError(f"a query noise multiplier of {query_sigma:g} is negative: use > 0, or 0 for no query")
-    fixed = (Mechanism(query_sigma),) if query_sigma > 0 else ()
-    sigma = calibrate_noise_multiplier(epsilon, delta, sample_rate, steps, fixed, accountant)
-    dpsgd = Mechanism(sigma, sample_rate, steps)
-    return {
-        "noise_multiplier": sigma,
-        "epsilon": compose_epsilon([*fixed, dpsgd], delta, accountant),
-        "epsilon_query_only": compose_epsilon(fixed, delta, accountant),
-        "epsilon_dpsgd_only": compose_epsilon([dpsgd], delta, accountant),
-        "delta": delta,
-        "accountant": accountant,
-    }
