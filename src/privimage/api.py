@@ -131,6 +131,7 @@ class PrivImage:
             self.pipeline.plan = checked.plan
             self.pipeline.cfg = _with_data_keys(checked.cfg, {key: self.cfg.data[key] for key in self._pending})
         else:
+            self.pipeline.validate()
         self._validated = True
         return self
 

@@ -232,9 +232,9 @@ class Pipeline:
             if booked is None or booked.release == module.release_key(self):
                 continue
             if not getattr(module, "REPEATABLE", False):
-                raise UserError(f"{self.run.root} has released its {stage} result with other settings (its own or "
-                                "an earlier stage's changed since): releasing again would spend the budget twice; "
-                                "restore them, or use a new --out")
+                raise UserError(f"{self.run.root} has spent privacy on its {stage} release with other settings (its "
+                                "own or an earlier stage's changed since): releasing again would spend the budget "
+                                "twice; restore them, or use a new --out")
             before = self.ledger.spent_epsilon()
             after = self.ledger.spent_epsilon([module.mechanism(self.cfg, len(self.sensitive_train),
                                                                 self.ledger.mechanisms())])
@@ -246,7 +246,7 @@ class Pipeline:
             cost += (f" of the target {self.ledger.target_epsilon:g} and leaves its file out of step with what was made "
                      "from the first release: add --force to pay for that, restore the settings," if fits else
                      f", beyond the target {self.ledger.target_epsilon:g}: restore the settings,")
-            raise UserError(f"{self.run.root} has released its {stage} result with other settings; {cost} "
+            raise UserError(f"{self.run.root} has spent privacy on its {stage} release with other settings; {cost} "
                             "or use a new --out")
 
     def close(self) -> None:
