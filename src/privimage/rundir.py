@@ -120,7 +120,9 @@ class RunLock:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "r+")  # FILES: private
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # private (FILES): it names a pid; a lock file of an older version was 0644
+        self._file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
