@@ -126,8 +126,8 @@ class PrivImage:
                 staged = {key: str(Path(scratch) / Path(self.cfg.data[key]).name) for key in self._pending}
                 for key, data in self._pending.items():
                     _write_private_npz(Path(staged[key]), data)
-                checked = Pipeline(_with_data_keys(self.cfg, staged), self.out).validate()
-            # Its plan (`minutes`) holds for the run directory's copy of the same data: keep it, not a new one.
+                checked = Pipeline(_with_data_keys(self.cfg, staged), self.out, self.pipeline.split_key).validate()
+            # Its plan (`minutes`) holds for the run directory's copy of the same data, split by the same key.
             self.pipeline.plan = checked.plan
             self.pipeline.cfg = _with_data_keys(checked.cfg, {key: self.cfg.data[key] for key in self._pending})
         else:
