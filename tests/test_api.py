@@ -137,12 +137,18 @@ def test_fit_plans_with_minutes_and_a_second_fit_changes_nothing(tmp_path, cache
     configured steps, and a second fit planned anew, rewrote config.yaml and pretrained more."""
     from omegaconf import OmegaConf
 
-    from privimage.pipeline import Pipeline
+    from privimage.data import load_dataset
+    from privimage.pipeline import Pipeline, StageResult
 
     monkeypatch.setenv("PRIVIMAGE_CACHE", str(cache_dir))
     ran = []
-    monkeypatch.setattr(Pipeline, "run_stage", lambda self, stage, force=False: ran.append(stage))  # the plan alone
-    digits = privimage.data.load_dataset("mnist")
+
+    def run_stage(self, stage, force=False):  # the plan alone: no stage runs
+        ran.append(stage)
+        return StageResult(stage, skipped=True, seconds=0.0)
+
+    monkeypatch.setattr(Pipeline, "run_stage", run_stage)
+    digits = load_dataset("mnist")
     images, labels = digits.images[:2000], digits.labels[:2000]
     PrivImage(preset="quick", out=tmp_path / "r", minutes=3).fit(images, labels)
     plan = json.loads((tmp_path / "r" / "plan.json").read_text())
