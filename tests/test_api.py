@@ -150,8 +150,10 @@ def test_fit_plans_with_minutes_and_a_second_fit_changes_nothing(tmp_path, cache
     monkeypatch.setattr(Pipeline, "run_stage", run_stage)
     digits = load_dataset("mnist")
     images, labels = digits.images[:2000], digits.labels[:2000]
-    planned = lambda: PrivImage(preset="quick", out=tmp_path / "r", minutes=30, sample__n=20,  # noqa: E731
-                                evaluate__classifier_epochs=1)
+
+    def planned() -> PrivImage:  # a small evaluation, so that a loaded machine's probe leaves training time
+        return PrivImage(preset="quick", out=tmp_path / "r", minutes=30, sample__n=20, evaluate__classifier_epochs=1)
+
     planned().fit(images, labels)
     plan = json.loads((tmp_path / "r" / "plan.json").read_text())
     saved = OmegaConf.load(tmp_path / "r" / "config.yaml")
