@@ -73,7 +73,8 @@ def test_tensorboard_event_files_carry_no_host_pid_or_clock(tmp_path):
 def test_a_non_finite_feature_row_adds_nothing_to_the_dpmerf_release():
     """DP-SGD drops a non-finite gradient; the DP-MERF sum took a NaN row in and released NaN."""
     rows = torch.tensor([[0.6, 0.8], [float("nan"), 0.0], [3.0, 4.0]])  # unit, not finite, too long
-    total = embedding_sum(lambda x: rows[x.long().flatten()], [(torch.arange(3.0)[:, None], torch.zeros(3, dtype=torch.long))], 1)
+    one_batch = [(torch.arange(3.0)[:, None], torch.zeros(3, dtype=torch.long))]  # image i has feature row i
+    total = embedding_sum(lambda x: rows[x.long().flatten()], one_batch, 1)
     assert torch.isfinite(total).all()
     unit = torch.tensor([0.6 * SIZE_WEIGHT, 0.8 * SIZE_WEIGHT, SIZE_WEIGHT], dtype=torch.float64)
     too_long = torch.tensor([3.0, 4.0, 1.0], dtype=torch.float64) * SIZE_WEIGHT
