@@ -2,6 +2,7 @@
 and the conversions of in-memory data (arrays, torch datasets, Hugging Face datasets)."""
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -112,6 +113,55 @@ def test_a_refit_reuses_the_same_data_and_refuses_other_data(example):
     with pytest.raises(UserError, match="other 'data' settings"):
         PrivImage.load(run).fit("mnist")
     assert (run / "privacy.json").read_bytes() == ledger
+
+
+def test_sampling_needs_only_the_shareable_files(example, tmp_path):
+    """sample() loaded the sensitive set and the split key for the class names: a copy of the shareable
+    files alone could not sample."""
+    from privimage.rundir import SHAREABLE, classify
+
+    _, run = example
+    shared = tmp_path / "shared"
+    for path in run.rglob("*"):
+        if path.is_file() and classify(path.relative_to(run)) == SHAREABLE:
+            (shared / path.relative_to(run)).parent.mkdir(parents=True, exist_ok=True)
+            (shared / path.relative_to(run)).write_bytes(path.read_bytes())
+    assert not (shared / "private").exists()
+    images, labels = PrivImage.load(shared).sample(4, labels=["7"] * 4, seed=3)
+    assert np.array_equal(images, PrivImage.load(run).sample(4, labels=[7] * 4, seed=3)[0])
+    assert labels.tolist() == [7] * 4
+
+
+def test_fit_plans_with_minutes_and_a_second_fit_changes_nothing(tmp_path, cache_dir, monkeypatch):
+    """fit on arrays planned `minutes` on a scratch pipeline and dropped the plan: the run pretrained the
+    configured steps, and a second fit planned anew, rewrote config.yaml and pretrained more."""
+    from omegaconf import OmegaConf
+
+    from privimage.data import load_dataset
+    from privimage.pipeline import Pipeline, StageResult
+
+    monkeypatch.setenv("PRIVIMAGE_CACHE", str(cache_dir))
+    ran = []
+
+    def run_stage(self, stage, force=False):  # the plan alone: no stage runs
+        ran.append(stage)
+        return StageResult(stage, skipped=True, seconds=0.0)
+
+    monkeypatch.setattr(Pipeline, "run_stage", run_stage)
+    digits = load_dataset("mnist")
+    images, labels = digits.images[:2000], digits.labels[:2000]
+
+    def planned() -> PrivImage:  # a small evaluation, so that a loaded machine's probe leaves training time
+        return PrivImage(preset="quick", out=tmp_path / "r", minutes=30, sample__n=20, evaluate__classifier_epochs=1)
+
+    planned().fit(images, labels)
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
+    saved = OmegaConf.load(tmp_path / "r" / "config.yaml")
+    assert (saved.pretrain.steps, saved.finetune.steps) == (plan["pretrain_steps"], plan["finetune_steps"])
+    before = snapshot(tmp_path / "r")
+    planned().fit(images, labels)
+    assert snapshot(tmp_path / "r") == before
+    assert ran == ["semantics", "warmstart", "pretrain", "finetune"] * 2
 
 
 def test_sample_to_folder(example, tmp_path):

@@ -109,10 +109,10 @@ def test_an_uncommitted_checkpoint_is_discarded_and_a_committed_one_kept(finetun
     """The two-phase save: a state written but not committed in the ledger never counts."""
     run = copy_of(finetuned, tmp_path)
     final = run / "finetune" / "checkpoint.safetensors"
-    shutil.copy(final, run / "finetune" / "checkpoint.next.safetensors")  # killed after commit, before rename
+    shutil.copy(final, run / "private" / "checkpoint.next.safetensors")  # killed after commit, before rename
     final.unlink()
     opened(quick(cache_dir), run).run_stage("finetune", force=True)
-    assert final.exists() and not (run / "finetune" / "checkpoint.next.safetensors").exists()
+    assert final.exists() and not (run / "private" / "checkpoint.next.safetensors").exists()
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(finetuned, tmp_path, cache_dir):
@@ -148,6 +148,107 @@ def test_a_run_directory_with_results_but_no_ledger_or_split_key_is_refused(fine
     with pytest.raises(UserError, match="use a new --out"):
         opened(quick(cache_dir), run)
     assert not (run / lost).exists()  # never recreated empty
+
+
+def snapshot(run) -> dict[str, bytes]:
+    return {str(path.relative_to(run)): path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
+
+
+def without_finetune(run):
+    """The run as it was before DP fine-tuning: no booking, no checkpoint, no marker, no curves."""
+    ledger = json.loads((run / "privacy.json").read_text())
+    ledger["entries"] = [entry for entry in ledger["entries"] if entry["stage"] != "finetune"]
+    (run / "privacy.json").write_text(json.dumps(ledger))
+    for path in (run / "finetune", run / "tensorboard" / "finetune"):
+        shutil.rmtree(path)
+    (run / "stages" / "finetune.json").unlink()
+    return run
+
+
+def test_uncommitted_dpsgd_steps_never_reach_the_shareable_folder(finetuned, tmp_path, cache_dir, monkeypatch):
+    """Killed between writing the state after step 6 and committing it: finetune/ held that state
+    (checkpoint.next) while the ledger said 3 steps were released."""
+    from privimage.diffusion.training import NEXT_CHECKPOINT_FILE
+    from privimage.privacy.ledger import PrivacyLedger
+
+    run = without_finetune(copy_of(finetuned, tmp_path))
+    record = PrivacyLedger.record_release
+
+    def killed_at_the_second_commit(self, stage, release, steps):
+        if steps == 6:
+            raise KeyboardInterrupt
+        return record(self, stage, release, steps)
+
+    monkeypatch.setattr(PrivacyLedger, "record_release", killed_at_the_second_commit)
+    pipeline = opened(quick(cache_dir), run)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage("finetune")
+    monkeypatch.undo()
+    assert json.loads((run / "privacy.json").read_text())["entries"][-1]["released_steps"] == 3
+    assert sorted(path.name for path in (run / "finetune").iterdir()) == ["checkpoint.safetensors"]
+    assert json.loads(load_meta(run / "finetune" / "checkpoint.safetensors"))["step"] == 3
+    assert (run / "private" / NEXT_CHECKPOINT_FILE).exists()  # the uncommitted state waits in private/
+    assert [step for step, _ in scalars(run, "finetune/dp_loss")] == [1, 2, 3]
+
+    pipeline.run_stage("finetune")  # resumes from step 3, discarding the uncommitted state
+    assert json.loads((run / "privacy.json").read_text())["entries"][-1]["released_steps"] == 6
+    assert not (run / "private" / NEXT_CHECKPOINT_FILE).exists()
+    assert [step for step, _ in scalars(run, "finetune/dp_loss")] == [1, 2, 3, 4, 5, 6]
+    pipeline.close()
+
+
+def load_meta(path) -> str:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as reader:
+        return reader.metadata()["privimage"]
+
+
+def test_a_refused_command_changes_no_file(finetuned, tmp_path, cache_dir):
+    """`privimage warmstart warm_start.public_features=0.3` on a finished run was refused after it had
+    written the new value into config.yaml (and `privimage sample` refused from then on)."""
+    run = copy_of(finetuned, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(UserError, match="other settings"):
+        opened(quick(cache_dir, "warm_start.public_features=0.3"), run).run_stage("warmstart")
+    assert snapshot(run) == before
+    opened(quick(cache_dir), run).close()  # the lock was released with the refusal
+
+
+def test_a_stage_whose_file_is_gone_is_not_up_to_date(finetuned, tmp_path, cache_dir):
+    """After semantics.json was deleted, `privimage semantics` said "up to date, skipped" and exited 0."""
+    run = copy_of(finetuned, tmp_path)
+    (run / "semantics.json").unlink()
+    ledger = (run / "privacy.json").read_bytes()
+    pipeline = opened(quick(cache_dir), run)
+    with pytest.raises(UserError, match=r"released but .*semantics\.json is missing.*use a new --out"):
+        pipeline.run_stage("semantics")
+    pipeline.close()
+    env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
+    result = subprocess.run([sys.executable, "-m", "privimage", "semantics", "--out", str(run)], capture_output=True,
+                            text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "semantics.json is missing" in result.stderr
+
+    shutil.copy(finetuned / "semantics.json", run / "semantics.json")
+    (run / "finetune" / "model.safetensors").unlink()  # post-processing of committed steps: made again, free
+    pipeline = opened(quick(cache_dir), run)
+    assert not pipeline.run_stage("finetune").skipped
+    assert (run / "finetune" / "model.safetensors").exists() and (run / "privacy.json").read_bytes() == ledger
+    pipeline.close()
+
+
+def test_a_finished_run_queries_semantics_again_only_when_forced(finetuned, tmp_path, cache_dir):
+    """A changed semantics.k booked a second query on a finished run, silently: ε 9.953 -> 9.967."""
+    run = copy_of(finetuned, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(UserError, match=r"releasing it again takes ε [0-9.]+ -> [0-9.]+ of the target 10.*--force"):
+        opened(quick(cache_dir, "semantics.k=3"), run)
+    assert snapshot(run) == before
+    pipeline = Pipeline(quick(cache_dir, "semantics.k=3"), run).validate().create(["semantics"], force=True)
+    pipeline.run_stage("semantics", force=True)
+    pipeline.close()
+    entries = json.loads((run / "privacy.json").read_text())["entries"]
+    assert [entry["stage"] for entry in entries] == ["semantics", "warmstart", "finetune", "semantics"]
 
 
 def test_evaluation_measures_against_the_test_split_and_caches_only_in_private(tmp_path, monkeypatch):

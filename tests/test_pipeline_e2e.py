@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,51 @@ def test_semantics_artifact_holds_only_noisy_values(quick_run):
     assert "test_split_top1_same_semantic" in json.loads((private / "semantics.json").read_text())
     assert private.stat().st_mode & 0o777 == 0o700
     assert all(p.stat().st_mode & 0o777 == 0o600 for p in private.rglob("*") if p.is_file())
+
+
+def test_every_file_is_classified_and_its_mode_follows(quick_run):
+    """report.html (real test images) and metrics.json were 0644, the shareable models 0600."""
+    from privimage.rundir import PRIVATE, SHAREABLE, classify
+
+    run, _ = quick_run
+    modes = {str(path.relative_to(run)): (classify(path.relative_to(run)), path.stat().st_mode & 0o777)
+             for path in run.rglob("*") if path.is_file()}
+    assert {modes[name][0] for name in (".lock", "metrics.json", "report.html", "private/split.key")} == {PRIVATE}
+    assert {modes[name][0] for name in ("config.yaml", "privacy.json", "stages/finetune.json", "semantics.json",
+                                        "finetune/model.safetensors", "synthetic.npz", "samples.png")} == {SHAREABLE}
+    wrong = {name: oct(mode) for name, (kind, mode) in modes.items()
+             if (kind == PRIVATE and mode != 0o600) or (kind == SHAREABLE and mode != 0o644)}
+    assert wrong == {}
+
+
+def test_check_rundir_passes_a_finished_run_and_fails_a_leaky_one(quick_run, cache_dir, tmp_path):
+    """scripts/check_rundir.py, which CI runs here: every file's classification against its mode and content."""
+    run, _ = quick_run
+    script = Path(__file__).resolve().parents[1] / "scripts" / "check_rundir.py"
+    env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
+    result = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    leaky = tmp_path / "leaky"
+    shutil.copytree(run, leaky)
+    (leaky / "report.html").chmod(0o644)
+    with np.load(leaky / "synthetic.npz") as data:
+        images, labels, names = data["images"].copy(), data["labels"], data["class_names"]
+    from privimage.pipeline import Pipeline
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.data.cache_dir = str(cache_dir)
+    real = Pipeline(cfg, run).sensitive_test.images[5]
+    images[0] = real
+    np.savez(leaky / "synthetic.npz", images=images, labels=labels, class_names=names)  # uncompressed: raw bytes
+    (leaky / "notes.txt").write_text("mine")
+    result = subprocess.run([sys.executable, str(script), str(leaky)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 1
+    for words in ("report.html is private but mode 644", "1 synthetic images are byte for byte real images",
+                  "synthetic.npz holds the raw bytes of a real image", "notes.txt is not a file privimage writes"):
+        assert words in result.stdout, words
 
 
 def test_summary_reports_spend_and_location(quick_run):

@@ -28,6 +28,7 @@ import torch.utils.data
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.data.geometry import square_resize
 from privimage.data.user import convert_image
@@ -125,7 +126,10 @@ class PrivImage:
                 staged = {key: str(Path(scratch) / Path(self.cfg.data[key]).name) for key in self._pending}
                 for key, data in self._pending.items():
                     _write_private_npz(Path(staged[key]), data)
-                Pipeline(_with_data_keys(self.cfg, staged), self.out).validate()
+                checked = Pipeline(_with_data_keys(self.cfg, staged), self.out, self.pipeline.split_key).validate()
+            # Its plan (`minutes`) holds for the run directory's copy of the same data, split by the same key.
+            self.pipeline.plan = checked.plan
+            self.pipeline.cfg = _with_data_keys(checked.cfg, {key: self.cfg.data[key] for key in self._pending})
         else:
             self.pipeline.validate()
         self._validated = True
@@ -146,7 +150,7 @@ class PrivImage:
             >>> PrivImage(preset="quick", out="runs/q").run()  # doctest: +SKIP
         """
         report = on_stage or _log_stage
-        pipeline = self._open(stages[0] if stages else None)
+        pipeline = self._open(stages, force)
         try:  # the run directory stays locked while its stages run, and no longer
             if stages is None:
                 return pipeline.run_all(report)
@@ -158,14 +162,15 @@ class PrivImage:
         finally:
             pipeline.close()
 
-    def _open(self, first_stage: str | None) -> Pipeline:
-        """Validate (once), refuse a stage whose inputs are missing, then create the run directory."""
+    def _open(self, stages: Sequence[str] | None, force: bool) -> Pipeline:
+        """Validate (once), refuse a stage whose inputs are missing, then create the run directory (which
+        refuses to redo a released stage of `stages`)."""
         if not self._validated:
             self.validate()
-        if first_stage is not None:
-            self.pipeline.check_runnable(first_stage)
+        if stages:
+            self.pipeline.check_runnable(stages[0])
         existed = self.out.exists()
-        self.pipeline.create()
+        self.pipeline.create(stages, force)
         try:  # after create(), which refuses a directory that holds files but no run
             for key, data in self._pending.items():
                 _write_private_npz(Path(self.cfg.data[key]), data)
@@ -244,12 +249,18 @@ class PrivImage:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        """The sensitive classes, in label order: `sample`'s labels index them.
+        """The sensitive classes, in label order: `sample`'s labels index them. A fitted model's file holds
+        them (shareable: the classes are public, like N), so sampling needs no sensitive data.
 
             >>> PrivImage.load("runs/mine").class_names  # doctest: +SKIP
             ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
         """
-        return self.pipeline.sensitive_train.class_names
+        model = STAGE_TABLE[self.pipeline.method.model_stage].module.model_file(self.pipeline.run)
+        if model.is_file():
+            names = load_checkpoint(model, tensors=False)[1].get("class_names")
+            if names is not None:
+                return tuple(names)
+        return self.pipeline.sensitive_train.class_names  # not fitted, or fitted before models held their classes
 
     def sample(
         self, n: int, labels: Sequence | np.ndarray | None = None, *, seed: int | None = None

@@ -31,18 +31,20 @@ def remove_interrupted_writes(folder: Path) -> None:
 def atomic_path(path: str | os.PathLike, private: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed over `path`.
 
-    `private` files are readable by their owner alone (0600), in a folder only the owner can enter.
+    `private` files are readable by their owner alone (0600), and a folder the write creates is the
+    owner's alone too (0700); other files are world-readable (0666 less the umask). The mode is set
+    after the writer is done, since some writers (safetensors) replace the file they are given.
     """
     path = Path(path)
-    if private:
+    if private and not path.parent.exists():
         make_private_dir(path.parent)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    os.fchmod(fd, 0o600 if private else 0o666 & ~_umask())  # mkstemp makes 0600
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(0o600 if private else 0o666 & ~_umask())
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)

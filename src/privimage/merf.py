@@ -76,12 +76,21 @@ def embedding_sum(features: FeatureMap, batches: Iterator[tuple[Tensor, Tensor]]
     total = None
     for x, y in batches:
         v = torch.cat([features(x) * SIZE_WEIGHT, torch.full((len(x), 1), SIZE_WEIGHT, device=x.device)], dim=1)
+        v = bounded(v.double().cpu())
         if total is None:
             total = torch.zeros(num_classes, v.shape[1], dtype=torch.float64)
-        total.index_add_(0, y.cpu(), v.double().cpu())
+        total.index_add_(0, y.cpu(), v)
     if total is None:
         raise ValueError("no images to embed")
     return total
+
+
+def bounded(v: Tensor) -> Tensor:
+    """Each row scaled to norm at most 1, and a row that is not finite (a feature map that overflowed) set
+    to zero, as DP-SGD drops a non-finite gradient: the sensitivity is 1 whatever the feature map returns,
+    float rounding included (unit rows come out of float32 up to 1e-7 longer)."""
+    v = torch.where(torch.isfinite(v).all(dim=1, keepdim=True), v, torch.zeros_like(v))
+    return v / v.norm(dim=1, keepdim=True).clamp(min=1.0)
 
 
 def release(total: Tensor, noise_multiplier: float, noise: NoiseSource) -> Tensor:

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import secrets
 import shutil
 import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -78,7 +79,10 @@ class Pipeline:
         if self.cfg.privacy.secure_rng:
             dp_noise_source(secure=True)  # refuses early when torchcsprng is missing
         self._check_existing_run()
+        if self.method.uses_public_data:
+            self._check_public_is_not_sensitive()
         self.sensitive_train, self.sensitive_test  # noqa: B018 -- load (and validate) the data now
+        self._check_delta()
         if self.method.uses_public_data:
             self.public  # noqa: B018
         if self.method.queries_semantics:
@@ -94,6 +98,23 @@ class Pipeline:
     def seconds_left(self) -> float:
         """Of the `minutes` budget, on its clock (planning.BudgetClock)."""
         return self.clock.left()
+
+    def _check_public_is_not_sensitive(self) -> None:
+        """Public data is read with no privacy at all: it must not be the sensitive data."""
+        d = self.cfg.data
+        public, sensitive = Path(str(d.public)), Path(str(d.sensitive))
+        if str(d.public) == str(d.sensitive) or (public.exists() and sensitive.exists()
+                                                 and public.resolve() == sensitive.resolve()):
+            raise UserError(f"data.public and data.sensitive are the same data ({d.sensitive}): public data is read "
+                            "without privacy; give a data.public that holds none of the sensitive images")
+
+    def _check_delta(self) -> None:
+        """δ ≥ 1/N allows a mechanism that publishes one image outright; DPImageBench uses 1/(N ln N)."""
+        n, delta = len(self.sensitive_train), self.cfg.privacy.delta
+        if delta * n >= 1:
+            suggested = 1 / (n * max(math.log(n), 1.0))
+            raise UserError(f"privacy.delta={delta:g} is not below 1/N for the N={n} sensitive training images, so the "
+                            f"guarantee promises nothing: set privacy.delta={suggested:.1g} (1/(N ln N)) or smaller")
 
     def _check_selection_fits(self) -> None:
         s, num_public = self.cfg.semantics, self.public.num_classes
@@ -153,13 +174,15 @@ class Pipeline:
             write_text(self.run.config, to_yaml(self.cfg))
             self._log_plan("pretraining planned again for the %g minutes: %s", self.plan)
 
-    def create(self) -> "Pipeline":
+    def create(self, stages: Sequence[str] | None = None, force: bool = False) -> "Pipeline":
         """Lock and create (or reopen) the run directory, its config.yaml, ledger and split key.
 
         The lock (rank 0 holds it under torchrun) lasts as long as this process or `close()`. Every
-        check of the existing run is repeated under it. A directory holding results but no ledger or
-        no split key is refused: a fresh ledger would forget what was spent, a fresh key would move
-        images between the train and test splits.
+        check of the existing run is repeated under it, and a command that would redo a released stage
+        of `stages` (default: all) is refused (`_check_releases`); config.yaml is written only once
+        every check has passed, so a refused command changes no file. A directory holding results but
+        no ledger or no split key is refused: a fresh ledger would forget what was spent, a fresh key
+        would move images between the train and test splits.
         """
         if self.clock.paused:
             self.clock.resume()
@@ -171,17 +194,18 @@ class Pipeline:
                 self._lock = self.run.lock()
                 remove_interrupted_writes(self.run.root)
                 self._check_existing_run()
-                holds_results = self.run.holds_results()
-                write_text(self.run.config, to_yaml(self.cfg))
+                self._check_split_key()
                 self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
-                                                 create=not holds_results)
+                                                 create=not self.run.holds_results())
+                self._check_releases(self.stages() if stages is None else stages, force)
+                write_text(self.run.config, to_yaml(self.cfg))
                 if not self.run.split_key.exists():
                     write_bytes(self.run.split_key, self.split_key, private=True)
                 if self.plan is not None and not self.run.plan.exists():
                     write_json(self.run.plan, self.plan.to_dict())
             except BaseException:
+                self.close()
                 if created:
-                    self.close()
                     shutil.rmtree(self.run.root, ignore_errors=True)
                 raise
         distributed.barrier()  # under torchrun the other ranks read what rank 0 made
@@ -189,6 +213,40 @@ class Pipeline:
             self.ledger = PrivacyLedger.open(self.run.ledger, privacy.epsilon, privacy.delta, privacy.accountant,
                                              create=False)
         return self
+
+    def _check_split_key(self) -> None:
+        """Under the lock: the data was split with the key read at validation, which another process may have
+        written since (two processes started together on a new run directory)."""
+        if self.run.split_key.exists() and self.run.split_key.read_bytes() != self.split_key:
+            raise UserError(f"another privimage process created {self.run.root} with another train/test split while "
+                            "this one was starting: run the same command again")
+
+    def _check_releases(self, stages: Sequence[str], force: bool) -> None:
+        """Refuse to redo a privacy-spending stage whose release is out under other settings (its own, or those
+        of a stage before it): what followed it was made from that release. Only a repeatable release (the
+        semantic query) may be made again, with `force`, and only when it still fits the budget."""
+        for stage in self.stages():
+            module = STAGE_TABLE[stage].module
+            booked = self.ledger.find(stage) if STAGE_TABLE[stage].spends_privacy else None
+            if booked is None or booked.release == module.release_key(self):
+                continue
+            if not getattr(module, "REPEATABLE", False):
+                raise UserError(f"{self.run.root} has spent privacy on its {stage} release with other settings (its "
+                                "own or an earlier stage's changed since): releasing again would spend the budget "
+                                "twice; restore them, or use a new --out")
+            before = self.ledger.spent_epsilon()
+            after = self.ledger.spent_epsilon([module.mechanism(self.cfg, len(self.sensitive_train),
+                                                                self.ledger.mechanisms())])
+            fits = self.ledger.within_target(after)
+            if fits and force and stage in stages:
+                logger.warning("%s: released again (--force), ε %.4g -> %.4g", stage, before, after)
+                return
+            cost = f"releasing it again takes ε {before:.4g} -> {after:.4g}"
+            cost += (f" of the target {self.ledger.target_epsilon:g} and leaves its file out of step with what was made "
+                     "from the first release: add --force to pay for that, restore the settings," if fits else
+                     f", beyond the target {self.ledger.target_epsilon:g}: restore the settings,")
+            raise UserError(f"{self.run.root} has spent privacy on its {stage} release with other settings; {cost} "
+                            "or use a new --out")
 
     def close(self) -> None:
         """Release the run directory's lock (process exit releases it too)."""
@@ -266,8 +324,10 @@ class Pipeline:
                            self.cfg.data, self.cfg.method)
 
     def is_done(self, stage: str) -> bool:
+        """Its marker matches the config and every file it leaves is there."""
         marker = self.run.stages / f"{stage}.json"
-        return marker.exists() and read_json(marker)["fingerprint"] == self.stage_fingerprint(stage)
+        return (marker.exists() and read_json(marker)["fingerprint"] == self.stage_fingerprint(stage)
+                and not self.run.missing_outputs(stage))
 
     def check_runnable(self, stage: str) -> None:
         """Refuse a stage that is not part of the method or whose upstream stages are not done."""

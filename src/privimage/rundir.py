@@ -8,9 +8,58 @@ from __future__ import annotations
 
 import fcntl
 import os
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+from privimage.atomic import make_private_dir
 from privimage.errors import UserError
+
+SHAREABLE, PRIVATE = "shareable", "private"
+
+# Every file a run directory holds (relative path patterns, first match wins; `*` spans folders) and
+# who may read it. Shareable files are covered by the (ε, δ) guarantee or read no sensitive data, and
+# are world-readable (0666 less the umask); private ones are the data owner's alone (0600, and
+# private/ is 0700). scripts/check_rundir.py audits a finished run directory against this table.
+FILES: tuple[tuple[str, str], ...] = (
+    ("config.yaml", SHAREABLE),                # the settings; data.* are names and paths, not data
+    ("privacy.json", SHAREABLE),               # the ledger: mechanisms, σ, q, steps (N is public)
+    ("plan.json", SHAREABLE),                  # step counts from a probe on random data and N
+    (".lock", PRIVATE),                        # the pid of the last process that held the run
+    ("stages/*.json", SHAREABLE),              # fingerprints and stage durations (wall-clock is released)
+    ("semantics.json", SHAREABLE),             # the selection and the rounded noisy votes
+    ("warmstart/*.safetensors", SHAREABLE),    # the noisy embedding (noisy class sizes too) and its generator
+    ("dpmerf/*.safetensors", SHAREABLE),       # the same for method=dpmerf
+    ("pretrain/*.safetensors", SHAREABLE),     # trained on public data (and the warm start's images)
+    ("finetune/*.safetensors", SHAREABLE),     # DP-SGD states the ledger has committed, and the model
+    ("tensorboard/*", SHAREABLE),              # pretraining losses, DP-SGD's committed noisy losses
+    ("synthetic.npz", SHAREABLE),
+    ("synthetic/*.png", SHAREABLE),
+    ("samples.png", SHAREABLE),
+    ("metrics.json", PRIVATE),                 # accuracies and distances measured on real images
+    ("report.html", PRIVATE),                  # embeds real test images and the metrics
+    ("private/*", PRIVATE),                    # split key, in-memory data, uncommitted DP-SGD state, measures
+)
+
+# What a finished stage leaves: a stage whose marker matches but whose output is gone is not done.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "semantics": ("semantics.json",),
+    "warmstart": ("warmstart/embedding.safetensors", "warmstart/generator.safetensors"),
+    "pretrain": ("pretrain/model.safetensors",),
+    "finetune": ("finetune/model.safetensors",),
+    "dpmerf": ("dpmerf/embedding.safetensors", "dpmerf/generator.safetensors", "synthetic.npz"),
+    "sample": ("synthetic.npz", "samples.png"),
+    "evaluate": ("metrics.json",),
+    "report": ("report.html",),
+}
+
+
+def classify(relative: str | os.PathLike) -> str:
+    """SHAREABLE or PRIVATE for a path relative to the run directory; UserError for a file no stage writes."""
+    name = Path(relative).as_posix()
+    for pattern, kind in FILES:
+        if fnmatchcase(name, pattern):
+            return kind
+    raise UserError(f"{name} is not a file privimage writes into a run directory: remove it, or keep it elsewhere")
 
 
 class RunDir:
@@ -38,7 +87,12 @@ class RunDir:
 
     def create(self) -> "RunDir":
         self.root.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.private)
         return self
+
+    def missing_outputs(self, stage: str) -> list[Path]:
+        """The files `stage` leaves when it finishes that are not here."""
+        return [self.root / name for name in STAGE_OUTPUTS[stage] if not (self.root / name).exists()]
 
     def holds_results(self) -> bool:
         """Whether a stage has written anything here (beyond config, lock, ledger, plan and split key)."""
@@ -66,7 +120,9 @@ class RunLock:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = open(path, "a+")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.fchmod(fd, 0o600)  # private (FILES): it names a pid; a lock file of an older version was 0644
+        self._file = os.fdopen(fd, "r+")
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

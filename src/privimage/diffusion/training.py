@@ -14,10 +14,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
 from tqdm.auto import tqdm
 
 from privimage import distributed
+from privimage.atomic import make_private_dir
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.diffusion.ema import EMA
 from privimage.errors import UserError
@@ -29,16 +32,19 @@ NEXT_CHECKPOINT_FILE = "checkpoint.next.safetensors"
 class Checkpointer:
     """Saves and restores model + EMA + optimizer + step in one safetensors file, in two phases.
 
-    A save writes the new state beside the old one (`checkpoint.next`), calls `commit(step)`, and only
-    then renames it over the checkpoint. DP fine-tuning commits by recording the released steps in the
-    ledger, so the checkpoint and the ledger can never disagree after a kill: either the new state is
-    committed in both or in neither. Pretraining (public data) commits nothing.
+    A save writes the new state into `staging` (`checkpoint.next`), calls `commit(step)`, and only
+    then renames it over the checkpoint in `folder`. DP fine-tuning commits by recording the released
+    steps in the ledger, so the checkpoint and the ledger can never disagree after a kill: either the
+    new state is committed in both or in neither. Its staging folder is the run directory's private/
+    (0700), so the shareable `folder` never holds a state the ledger has not counted as released.
+    Pretraining (public data) commits nothing and stages beside its checkpoint.
     """
 
     def __init__(self, folder: Path, net: torch.nn.Module, ema: EMA, optimizer: torch.optim.Optimizer,
-                 commit: Callable[[int], None] = lambda step: None):
+                 commit: Callable[[int], None] = lambda step: None, staging: Path | None = None):
         self.path = folder / CHECKPOINT_FILE
-        self.next_path = folder / NEXT_CHECKPOINT_FILE
+        self.next_path = (staging or folder) / NEXT_CHECKPOINT_FILE
+        self.private_staging = staging is not None
         self.net, self.ema, self.optimizer, self.commit = net, ema, optimizer, commit
 
     def restore(self, committed: int | None = None) -> int:
@@ -78,6 +84,9 @@ class Checkpointer:
         distributed.barrier()
 
     def _write(self, step: int) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.private_staging:
+            make_private_dir(self.next_path.parent)
         opt = self.optimizer.state_dict()
         tensors = {f"model.{k}": v for k, v in self.net.state_dict().items()}
         tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
@@ -116,13 +125,39 @@ def lr_factor(schedule: str, warmup_steps: int, step: int, steps: int) -> float:
     return 1.0
 
 
+class ScalarLog:
+    """TensorBoard scalars in an event file that names no host, pid or time: `events.out.tfevents.<n>.privimage`
+    (the n-th file of its folder, so a resumed loop appends a file that sorts after the earlier ones), every
+    event at wall time 0. torch's SummaryWriter puts the hostname, pid and start time in the file name and
+    the real time in every event; none of that belongs in a shareable folder."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        index = len(list(folder.glob("events.out.tfevents.*")))
+        self.path = folder / f"events.out.tfevents.{index:010d}.privimage"
+        self._records = RecordWriter(open(self.path, "xb"))
+        self._write(Event(wall_time=0.0, file_version="brain.Event:2"))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self._write(Event(wall_time=0.0, step=step, summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
+
+    def _write(self, event: Event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
 @contextmanager
-def scalars(log_dir: Path) -> Iterator[SummaryWriter | None]:
+def scalars(log_dir: Path) -> Iterator[ScalarLog | None]:
     """TensorBoard scalars of one training loop; None on every rank but rank 0, which alone writes."""
     if not distributed.is_main():
         yield None
         return
-    writer = SummaryWriter(log_dir=str(log_dir))
+    writer = ScalarLog(log_dir)
     try:
         yield writer
     finally:

@@ -107,7 +107,7 @@ class PrivacyLedger:
             raise UserError(f"{path} is not a valid privacy ledger ({err}): use a new --out") from err
         ledger = cls(path, target_epsilon, target_delta, accountant, entries, released)
         spent = ledger.spent_epsilon()
-        if not ledger._within_target(spent):
+        if not ledger.within_target(spent):
             raise UserError(f"{path} records ε={spent:.4g}, not within its target {target_epsilon:g}: "
                             "the run directory is unusable; use a new --out")
         return ledger
@@ -127,7 +127,8 @@ class PrivacyLedger:
     def mechanisms(self, excluding_stage: str | None = None) -> list[Mechanism]:
         return [b.mechanism for b in self.entries if b.stage != excluding_stage]
 
-    def _within_target(self, spent: float) -> bool:
+    def within_target(self, spent: float) -> bool:
+        """Whether a composed ε is finite and at most the target (float noise aside)."""
         return math.isfinite(spent) and spent <= self.target_epsilon * (1 + OVERSPEND_SLACK)
 
     def _index(self, stage: str, release: str | None) -> int | None:
@@ -149,7 +150,7 @@ class PrivacyLedger:
         """Record `booking` on disk, or refuse (leaving the ledger as it was) if it breaks the target."""
         self._refresh()
         spent = self.spent_epsilon([booking.mechanism])
-        if not self._within_target(spent):
+        if not self.within_target(spent):
             raise UserError(
                 f"stage {booking.stage} would bring the spent ε to {spent:.4g}, over the target "
                 f"{self.target_epsilon:g} (already spent {self.spent_epsilon():.4g}): "

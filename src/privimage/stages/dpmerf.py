@@ -116,7 +116,7 @@ def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mecha
                                         planned=planned, name=name, features=features, device=pipeline.device)
         with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
             generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, progress=bar)
-        save_checkpoint(path, generator.state_dict(), {"stage": stage})
+        save_checkpoint(path, generator.state_dict(), {"stage": stage, "class_names": list(names)})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)
 
@@ -160,9 +160,14 @@ def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: 
     return lambda labels, rng: _draw(generator, labels, rng)
 
 
+def release_key(pipeline: Pipeline) -> str:
+    """The name of the release this config books."""
+    return release_name(pipeline.cfg)
+
+
 def run(pipeline: Pipeline) -> None:
     cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
-    generator = fit_generator(pipeline, stage="dpmerf", name=release_name(cfg), features=random_features(cfg),
+    generator = fit_generator(pipeline, stage="dpmerf", name=release_key(pipeline), features=random_features(cfg),
                               planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
     if distributed.is_main():
         write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,

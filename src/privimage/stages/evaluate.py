@@ -79,7 +79,7 @@ def run_evaluation(
         metrics["precision"], metrics["recall"] = precision, recall
     metrics["memorization"] = memorization(synthetic.images, train.images, test.images)
     write_bytes(run.private / "closest_pairs.png", closest_pairs_figure(synthetic.images, train.images), private=True)
-    write_json(run.metrics, metrics)
+    write_json(run.metrics, metrics, private=True)  # measured on real images (rundir.FILES)
     return metrics
 
 

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import torch
 from omegaconf import DictConfig
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from privimage import distributed
@@ -23,7 +22,7 @@ from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.adapters import merged_state_dict, set_trainable
-from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
+from privimage.diffusion.training import Checkpointer, ScalarLog, lr_factor, progress, scalars
 from privimage.errors import UserError
 from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit,
                                           calibrate_noise_multiplier, compose_epsilon)
@@ -66,6 +65,11 @@ def plan_finetune(cfg: DictConfig, num_samples: float, fixed: list[Mechanism]) -
 
 
 mechanism = plan_finetune  # what the stage books (methods.py)
+
+
+def release_key(pipeline: Pipeline) -> str:
+    """The name of the release this config books: the stage's fingerprint (upstream stages included)."""
+    return pipeline.stage_fingerprint("finetune")
 
 
 def finetune(
@@ -115,8 +119,8 @@ def finetune(
     net.to(device).train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=f.lr)
     ema = EMA(net, decay=f.ema)
-    checkpoint = Checkpointer(folder, net, ema, optimizer,
-                               commit=lambda step: ledger.record_release("finetune", release, step))
+    checkpoint = Checkpointer(folder, net, ema, optimizer, staging=run.private,
+                              commit=lambda step: ledger.record_release("finetune", release, step))
     start = checkpoint.restore(committed=released)
 
     noise = dp_noise_source(cfg.privacy.secure_rng)
@@ -147,11 +151,12 @@ def finetune(
                 _release_pending(pending, writer, bar, earlier, mechanism, cfg.privacy)
                 pending = []
     if distributed.is_main():
-        save_checkpoint(folder / MODEL_FILE, merged_state_dict(ema.module), {"stage": "finetune", "steps": mechanism.steps})
+        save_checkpoint(folder / MODEL_FILE, merged_state_dict(ema.module),
+                        {"stage": "finetune", "steps": mechanism.steps, "class_names": list(sensitive.class_names)})
     distributed.barrier()
 
 
-def _release_pending(pending: list[tuple[int, float]], writer: SummaryWriter | None, bar: tqdm,
+def _release_pending(pending: list[tuple[int, float]], writer: ScalarLog | None, bar: tqdm,
                      earlier: list[Mechanism], mechanism: Mechanism, privacy: DictConfig) -> None:
     """Show and log committed steps: noisy losses (DP-SGD releases them) and the ε spent so far."""
     if not pending:
@@ -160,8 +165,8 @@ def _release_pending(pending: list[tuple[int, float]], writer: SummaryWriter | N
     spent = compose_epsilon(earlier + [dataclasses.replace(mechanism, steps=last)], privacy.delta, privacy.accountant)
     if writer is not None:
         for step, noisy_loss in pending:
-            writer.add_scalar("finetune/dp_loss", noisy_loss, step, walltime=0.0)
-        writer.add_scalar("finetune/epsilon", spent, last, walltime=0.0)
+            writer.add_scalar("finetune/dp_loss", noisy_loss, step)
+        writer.add_scalar("finetune/epsilon", spent, last)
         writer.flush()
     bar.set_postfix(dp_loss=f"{pending[-1][1]:.4f}", eps=f"{spent:.3f}")
 
@@ -179,4 +184,4 @@ def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: 
 def run(pipeline: Pipeline) -> None:
     pretrained = pipeline.run.pretrain_dir / MODEL_FILE if "pretrain" in pipeline.stages() else None
     finetune(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pretrained, pipeline.device,
-             release=pipeline.stage_fingerprint("finetune"))
+             release=release_key(pipeline))

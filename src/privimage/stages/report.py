@@ -2,7 +2,7 @@
 
 It shows the config, the privacy ledger and how ε was spent over the run, the selected semantics
 with public examples, the training curves, synthetic samples beside real test examples, and the
-metrics. It is written for the data owner: the real examples come from the held-out test split.
+metrics. It is written for the data owner alone (0600): the real examples come from the held-out test split.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test
     ]
     page = (f"<!doctype html><html><head><meta charset=utf-8><title>privimage report</title><style>{_STYLE}</style>"
             f"</head><body>{''.join(sections)}</body></html>")
-    write_text(run.report, page)
+    write_text(run.report, page, private=True)  # real test images: the owner's alone (rundir.FILES)
     return run.report
 
 

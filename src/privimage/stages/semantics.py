@@ -41,6 +41,13 @@ def query_mechanism(cfg: DictConfig, num_samples: int = 0, earlier: Sequence[Mec
 
 
 mechanism = query_mechanism  # what the stage books (methods.py)
+# A new query may be booked beside a released one (`--force`, Pipeline._check_releases): it costs its own ε.
+REPEATABLE = True
+
+
+def release_key(pipeline: Pipeline) -> str:
+    """The name of the query this config books: the stage's fingerprint."""
+    return pipeline.stage_fingerprint("semantics")
 
 
 def build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
@@ -139,7 +146,8 @@ def run_semantics(
         released = read_json(run.semantics) if run.semantics.exists() else {}
         if released.get("release") != release:
             raise UserError(f"the ledger records this semantic query as released but {run.semantics} is missing "
-                            "or from another query: querying again would release the votes twice; use a new --out")
+                            "or from another query: it cannot be made again, since querying again would release the "
+                            "votes twice; use a new --out")
         return released  # the same result, never a second one
     votes = predict_logits(model, sensitive_train.images, device=str(device), reduce=lambda l: top_k_classes(l, s.k))
     hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
@@ -200,4 +208,4 @@ def run(pipeline: Pipeline) -> None:
     classifier = semantic_classifier(pipeline.cfg, pipeline.public, pipeline.cache_dir, pipeline.device)
     with pipeline.clock.reading_sensitive():
         run_semantics(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pipeline.sensitive_test,
-                      pipeline.public, classifier, pipeline.device, release=pipeline.stage_fingerprint("semantics"))
+                      pipeline.public, classifier, pipeline.device, release=release_key(pipeline))

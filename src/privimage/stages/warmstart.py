@@ -91,10 +91,15 @@ def despeckle(data: ImageDataset, width: int) -> ImageDataset:
     return ImageDataset(images, data.labels, data.class_names, name=data.name)
 
 
-def run(pipeline: Pipeline) -> None:
+def release_key(pipeline: Pipeline) -> str:
+    """The name of the release this config books: what the noisy embedding depends on."""
     cfg = pipeline.cfg
     w = cfg.warm_start
     classifier = cfg.semantics.classifier if w.public_features else None
-    name = release_name(cfg, w.epsilon_share, w.public_features, classifier)
-    fit_generator(pipeline, stage=STAGE, name=name, planned=lambda: mechanism(cfg),
+    return release_name(cfg, w.epsilon_share, w.public_features, classifier)
+
+
+def run(pipeline: Pipeline) -> None:
+    cfg = pipeline.cfg
+    fit_generator(pipeline, stage=STAGE, name=release_key(pipeline), planned=lambda: mechanism(cfg),
                   features=trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device))
