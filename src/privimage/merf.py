@@ -24,6 +24,7 @@ from privimage.privacy.noise import NoiseSource
 
 FeatureMap = Callable[[Tensor], Tensor]  # images in [-1, 1] → rows of norm ≤ 1
 SIZE_WEIGHT = 1 / math.sqrt(2)  # of the constant feature; φ gets the same weight, so ‖v‖ = 1
+FEATURE_BATCH = 256  # images a call of the feature map sees in the release (embedding_sum)
 
 
 class RandomFeatures:
@@ -72,10 +73,16 @@ class JointFeatures:
 
 
 def embedding_sum(features: FeatureMap, batches: Iterator[tuple[Tensor, Tensor]], num_classes: int) -> Tensor:
-    """Σ_i v_i in row y_i: the exact, private statistic; callers pass it only to `release`."""
+    """Σ_i v_i in row y_i: the exact, private statistic; callers pass it only to `release`.
+
+    `features` sees FEATURE_BATCH images a call, a short batch padded with zeros: a CPU picks its convolution
+    kernels by batch size, and with another kernel an image's features move by up to 1e-3, so one image
+    more or less would move every other image's row and the sum by more than the sensitivity of 1.
+    """
     total = None
-    for x, y in batches:
-        v = torch.cat([features(x) * SIZE_WEIGHT, torch.full((len(x), 1), SIZE_WEIGHT, device=x.device)], dim=1)
+    for x, y in _fixed_size(batches):
+        v = torch.cat([features(x)[:len(y)] * SIZE_WEIGHT, torch.full((len(y), 1), SIZE_WEIGHT, device=x.device)],
+                      dim=1)
         v = bounded(v.double().cpu())
         if total is None:
             total = torch.zeros(num_classes, v.shape[1], dtype=torch.float64)
@@ -83,6 +90,15 @@ def embedding_sum(features: FeatureMap, batches: Iterator[tuple[Tensor, Tensor]]
     if total is None:
         raise ValueError("no images to embed")
     return total
+
+
+def _fixed_size(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The images in batches of exactly FEATURE_BATCH (the last padded with zeros), with their labels."""
+    for x, y in batches:
+        for i in range(0, len(x), FEATURE_BATCH):
+            piece = x[i:i + FEATURE_BATCH]
+            padding = piece.new_zeros((FEATURE_BATCH - len(piece), *piece.shape[1:]))
+            yield torch.cat([piece, padding]), y[i:i + FEATURE_BATCH]
 
 
 def bounded(v: Tensor) -> Tensor:
