@@ -249,14 +249,19 @@ def predict_logits(
     """Logits for uint8 NHWC images, on the CPU; leaves the model's train/eval mode as it was.
 
     `reduce` maps each batch's logits first (e.g. to the argmax), so that N × classes floats need
-    not exist at once for a large set. Images are read a batch at a time (an ImageFile included).
+    not exist at once for a large set. Images are read a batch at a time (an ImageFile included). The
+    model always sees `batch_size` images, a short batch padded with zeros: a CPU picks its kernels by
+    batch size, and an image's logits (its votes in the semantic query) must not depend on which other
+    images share its batch.
     """
     was_training = model.training
     model.to(device).eval()
     reduce = reduce or (lambda logits: logits)
     result = torch.empty(0)
     for start in range(0, len(images), batch_size):
-        batch = reduce(model(to_tensor(images[start : start + batch_size]).to(device))).cpu()
+        x = to_tensor(images[start : start + batch_size])
+        padded = torch.cat([x, x.new_zeros((batch_size - len(x), *x.shape[1:]))])
+        batch = reduce(model(padded.to(device))[: len(x)]).cpu()
         if start == 0:  # one array for all: many small ones kept between batches fragment the heap
             result = batch.new_empty((len(images), *batch.shape[1:]))
         result[start : start + len(batch)] = batch
