@@ -1,7 +1,7 @@
 """The training steps of the default denoiser against the levers that might speed them up, in one run:
 GFLOP per step, achieved GFLOPS, images per second and the speed-up over today's step.
 
-    PYTHONPATH=src python benchmarks/train_step.py [--threads 2] [--rounds 5] [--compile] [key=value ...]
+    PYTHONPATH=src python benchmarks/train_step.py [--threads 2] [--rounds 8] [--compile] [key=value ...]
     PYTHONPATH=src taskset -c 0 python benchmarks/train_step.py --threads 1     # the one-core machine
 
 Pretraining: `stages.pretrain.pretraining_step` (bf16 autocast, NCHW, Adam) at `pretrain.batch_size`, against
@@ -16,9 +16,10 @@ per-sample-gradient hooks (GradSampleModule) with the same clipping and noise.
 FLOP are counted by torch.utils.flop_counter.FlopCounterMode on each pretraining arm's own eager step (a bf16
 FLOP counts as one; the compiled arm does the eager step's math). A DP-SGD step is credited with the FLOP of
 a non-private step on its logical batch, the useful work: the counter's formula for the grouped convolutions
-that vmap turns per-sample weight gradients into counts many times the work done. Random weights and data of the default shapes: the
-cost does not depend on their values. The arms take turns, round after round, so a change in the load of a
-shared machine hits them alike; the median of each arm's rounds is reported, with the spread (max/min).
+that vmap turns per-sample weight gradients into counts many times the work done. Random weights and data
+of the default shapes: the cost does not depend on their values. The arms take turns, round after round,
+each round starting one arm later, so that a change in the load of a shared machine hits them alike; the
+median of each arm's rounds is reported, with the spread (slowest round / fastest).
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def count_flop(step: Callable[[], object]) -> float:
 
 
 def time_arms(arms: list[Arm], rounds: int) -> None:
-    """Each arm once to warm up, then `rounds` rounds in which every arm runs once, in turn."""
+    """Each arm once to warm up, then `rounds` rounds in which every arm runs once, in turn; each round
+    starts one arm later than the one before, so that no arm always follows the same one."""
     for arm in arms:
         arm.step()
         arm.seconds = []
-    for _ in range(rounds):
-        for arm in arms:
+    for round_ in range(rounds):
+        for arm in arms[round_ % len(arms):] + arms[:round_ % len(arms)]:
             started = time.perf_counter()
             arm.step()
             arm.seconds.append(time.perf_counter() - started)
@@ -176,12 +178,12 @@ def compile_seconds(args: argparse.Namespace, cache: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--dp-rounds", type=int, default=3, help="rounds of the (slower) DP-SGD arms")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 256], help="pretraining batch arms")
     parser.add_argument("--physical-batches", type=int, nargs="*", default=[64, 256], help="DP-SGD micro-batch arms")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (minutes of compiling)")
-    parser.add_argument("--skip-dp", action="store_true")
+    parser.add_argument("--steps", choices=["both", "pretrain", "dp"], default="both", help="which steps to time")
     parser.add_argument("--first-compiled-step", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="config key=value, e.g. model.base_channels=32")
     args = parser.parse_args()
@@ -199,47 +201,48 @@ def main() -> None:
 
     params = sum(p.numel() for p in base.parameters())
     print(f"{params:,} parameters, {cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} rounds (DP-SGD {args.dp_rounds}), torch {torch.__version__}")
+          f"{torch.get_num_threads()} threads, {args.rounds} rounds (DP-SGD {args.dp_rounds}), "
+          f"torch {torch.__version__}")
     compiled = []
-    if args.compile:
+    if args.compile and args.steps != "dp":
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
             cold, warm = compile_seconds(args, cache), compile_seconds(args, cache)
-            print(f"torch.compile: first compiled step {cold:.1f} s on an empty inductor cache, {warm:.1f} s on a warm one")
+            print(f"torch.compile: first compiled step {cold:.1f} s on an empty inductor cache, "
+                  f"{warm:.1f} s on a warm one")
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
             compiled = [pretraining_arm(cfg, base, "torch.compile (inductor)", compiled=True)]
             compiled[0].step()  # compiles here, from the warm cache, outside the timing
-    b = cfg.pretrain.batch_size
-    arms = [
-        pretraining_arm(cfg, base, f"current (bf16, NCHW, batch {b})"),
-        pretraining_arm(cfg, base, "float32", bf16=False),
-        pretraining_arm(cfg, base, "channels_last", channels_last=True),
-        pretraining_arm(cfg, base, "fused Adam", fused_adam=True),
-        pretraining_arm(cfg, base, "U-Net alone (no preconditioning)", bare_unet=True),
-        *[pretraining_arm(cfg, base, f"batch {size}", batch_size=size) for size in args.batch_sizes],
-        *compiled,
-    ]
-    if compiled:
-        compiled[0].flop = arms[0].flop
-    time_arms(arms, args.rounds)
-    print_table("Pretraining step", arms)
-    if args.skip_dp:
-        return
-
-    size, physical = cfg.finetune.batch_size, cfg.finetune.max_physical_batch
-    dp_arms = [
-        dp_arm(cfg, base, f"current (vmap, bf16, micro-batch {physical})", size),
-        dp_arm(cfg, base, "float32", size, bf16=False),
-        dp_arm(cfg, base, "Opacus hooks (GradSampleModule)", size, opacus=True),
-        *[dp_arm(cfg, base, f"micro-batch {m}", size, max_physical_batch=m) for m in args.physical_batches],
-    ]
-    x, y = batch(cfg, size, seed=1)
-    net = copy.deepcopy(base)
-    flop = count_flop(lambda: pretraining_step(net, diffusion_loss(cfg, CLASSES), torch.optim.SGD(net.parameters()),
-                                               x, y, bf16=True))
-    for arm in dp_arms:
-        arm.flop = flop
-    time_arms(dp_arms, args.dp_rounds)
-    print_table(f"DP-SGD step, logical batch {size}", dp_arms)
+    if args.steps != "dp":
+        b = cfg.pretrain.batch_size
+        arms = [
+            pretraining_arm(cfg, base, f"current (bf16, NCHW, batch {b})"),
+            pretraining_arm(cfg, base, "float32", bf16=False),
+            pretraining_arm(cfg, base, "channels_last", channels_last=True),
+            pretraining_arm(cfg, base, "fused Adam", fused_adam=True),
+            pretraining_arm(cfg, base, "U-Net alone (no preconditioning)", bare_unet=True),
+            *[pretraining_arm(cfg, base, f"batch {size}", batch_size=size) for size in args.batch_sizes],
+            *compiled,
+        ]
+        if compiled:
+            compiled[0].flop = arms[0].flop
+        time_arms(arms, args.rounds)
+        print_table("Pretraining step", arms)
+    if args.steps != "pretrain":
+        size, physical = cfg.finetune.batch_size, cfg.finetune.max_physical_batch
+        dp_arms = [
+            dp_arm(cfg, base, f"current (vmap, bf16, micro-batch {physical})", size),
+            dp_arm(cfg, base, "float32", size, bf16=False),
+            dp_arm(cfg, base, "Opacus hooks (GradSampleModule)", size, opacus=True),
+            *[dp_arm(cfg, base, f"micro-batch {m}", size, max_physical_batch=m) for m in args.physical_batches],
+        ]
+        x, y = batch(cfg, size, seed=1)
+        net = copy.deepcopy(base)
+        flop = count_flop(lambda: pretraining_step(net, diffusion_loss(cfg, CLASSES), torch.optim.SGD(net.parameters()),
+                                                   x, y, bf16=True))
+        for arm in dp_arms:
+            arm.flop = flop
+        time_arms(dp_arms, args.dp_rounds)
+        print_table(f"DP-SGD step, logical batch {size}", dp_arms)
 
 
 if __name__ == "__main__":
