@@ -227,7 +227,7 @@ def test_a_stage_whose_file_is_gone_is_not_up_to_date(finetuned, tmp_path, cache
     env = {**os.environ, "PRIVIMAGE_CACHE": str(cache_dir)}
     result = subprocess.run([sys.executable, "-m", "privimage", "semantics", "--out", str(run)], capture_output=True,
                             text=True, timeout=300, env=env)
-    assert result.returncode == 2 and "semantics.json is missing" in result.stderr
+    assert result.returncode == 3 and "semantics.json is missing" in result.stderr
 
     shutil.copy(finetuned / "semantics.json", run / "semantics.json")
     (run / "finetune" / "model.safetensors").unlink()  # post-processing of committed steps: made again, free
