@@ -22,8 +22,7 @@ import torch
 from privimage.classifiers import SmallCNN, train_classifier
 from privimage.config import load_config
 from privimage.merf import Generator, fixed_features, train_generator
-from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
-from privimage.stages.sample import sample_batch
+from privimage.builders import build_denoiser, diffusion_loss, pretraining_step, sample_batch
 
 CLASSES = 10
 PUBLIC_CLASSES = 82  # the built-in public-mix's, which the semantic classifier learns

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from privimage.config import load_config
-from privimage.stages.pretrain import build_denoiser, diffusion_loss
+from privimage.builders import build_denoiser, diffusion_loss
 from privimage.privacy.dpsgd import DPSGD
 
 

@@ -16,7 +16,7 @@ import torch
 
 from privimage.config import load_config
 from privimage.diffusion.adapters import set_trainable
-from privimage.stages.pretrain import build_denoiser, diffusion_loss
+from privimage.builders import build_denoiser, diffusion_loss
 from privimage.privacy.dpsgd import DPSGD
 
 VARIANTS = [("all", 2, False), ("all", 2, True), ("all", 1, False), ("all", 1, True),

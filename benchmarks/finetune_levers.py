@@ -27,8 +27,8 @@ from privimage.atomic import read_json
 from privimage.evaluation.downstream import downstream_accuracy
 from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
+from privimage.builders import MODEL_FILE, load_denoiser
 from privimage.stages.finetune import finetune
-from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 from privimage.stages.sample import balanced_labels, generate, load_synthetic, write_synthetic
 
 

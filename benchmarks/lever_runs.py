@@ -18,7 +18,7 @@ from privimage.data import ImageDataset
 from privimage.evaluation.downstream import downstream_accuracy
 from privimage.pipeline import Pipeline
 from privimage.rundir import RunDir
-from privimage.stages.pretrain import load_denoiser
+from privimage.builders import load_denoiser
 from privimage.stages.sample import balanced_labels, generate
 
 

@@ -14,7 +14,7 @@ import torch
 
 from privimage.config import load_config
 from privimage.diffusion import edm_sample
-from privimage.stages.pretrain import build_denoiser
+from privimage.builders import build_denoiser
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from privimage.config import load_config
 from privimage.privacy.dpsgd import DPSGD
-from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
+from privimage.builders import build_denoiser, diffusion_loss, pretraining_step
 
 CLASSES = 10
 

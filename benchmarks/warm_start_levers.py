@@ -22,7 +22,7 @@ import json
 from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base
 from privimage.atomic import read_json
 from privimage.stages.dpmerf import generator_images, load_generator
-from privimage.stages.pretrain import MODEL_FILE
+from privimage.builders import MODEL_FILE
 from privimage.stages.warmstart import despeckle, generator_file
 
 STAGES = ("semantics", "warmstart", "pretrain", "finetune")

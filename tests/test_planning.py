@@ -9,6 +9,7 @@ import pytest
 from privimage import planning
 from privimage.config import load_config
 from privimage.errors import UserError
+from privimage.builders import MODEL_FILE
 from privimage.checkpoint import load_checkpoint
 from privimage.pipeline import Pipeline
 from privimage.stages import pretrain as pretrain_stage
@@ -204,12 +205,12 @@ def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_di
     planned = pipeline.cfg.pretrain.steps
     stop = 2 * pretrain_stage.LATE_CHECK_EVERY  # the first check only starts measuring the pace
     assert planned > stop
-    monkeypatch.setattr(planning, "pretraining_is_late", lambda plan, left, steps, seconds: True)
+    monkeypatch.setattr(pretrain_stage, "pretraining_is_late", lambda plan, left, steps, seconds: True)
     cached = set((cache_dir / "pretrained").glob("*"))
     pipeline.run_stage("pretrain")
     marker = json.loads((tmp_path / "run" / "stages" / "pretrain.json").read_text())
     assert marker["stopped_early_at"] == stop < planned
-    _, meta = load_checkpoint(tmp_path / "run" / "pretrain" / pretrain_stage.MODEL_FILE)
+    _, meta = load_checkpoint(tmp_path / "run" / "pretrain" / MODEL_FILE)
     assert int(meta["steps"]) == stop
     assert set((cache_dir / "pretrained").glob("*")) == cached  # a model short of its steps is never shared
     assert f"stopped after {stop}" in report_stage._plan_section(pipeline.run)

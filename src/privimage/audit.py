@@ -29,8 +29,8 @@ from privimage.config import to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.training import CHECKPOINT_FILE
+from privimage.builders import build_denoiser
 from privimage.stages.finetune import finetune, plan_finetune
-from privimage.stages.pretrain import build_denoiser
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.errors import UserError
 from privimage.privacy.audit_bound import correct_guesses, epsilon_lower_bound

@@ -37,9 +37,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from privimage.data import ImageDataset, to_tensor
-from privimage.stages.finetune import finetune_schedule
-from privimage.stages.pretrain import build_denoiser, diffusion_loss, pretraining_step
-from privimage.stages.sample import sample_batch
+from privimage.builders import (build_classifier, build_denoiser, diffusion_loss, finetune_schedule, pretraining_step,
+                                sample_batch)
 from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
@@ -207,8 +206,6 @@ def probe(cfg: DictConfig, num_classes: int, device: torch.device, *, num_sample
 
 def classifier_throughput(cfg: DictConfig, public: ImageDataset, device: torch.device) -> float:
     """Seconds per image-epoch of the semantic classifier, on random images of the public set's shape."""
-    from privimage.stages.semantics import build_classifier
-
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (PROBE_IMAGES, *public.images.shape[1:]), dtype=torch.uint8,
                            generator=generator).numpy()

@@ -9,15 +9,15 @@ before anything that depends on those steps leaves the process. The finished sta
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from privimage import distributed
+from privimage.builders import MODEL_FILE, build_denoiser, diffusion_loss, finetune_schedule, load_denoiser
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.ema import EMA
@@ -30,24 +30,10 @@ from privimage.privacy.dpsgd import DPSGD, poisson_batches
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
-from privimage.stages.pretrain import MODEL_FILE, build_denoiser, diffusion_loss, load_denoiser
 from privimage.stages.sample import generate
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
-
-
-class Schedule(NamedTuple):
-    sample_rate: float
-    steps: int
-
-
-def finetune_schedule(cfg: DictConfig, num_samples: float) -> Schedule:
-    """DP-SGD's Poisson sampling rate and number of steps. N is treated as public, as in Opacus and the paper."""
-    f = cfg.finetune
-    sample_rate = min(1.0, f.batch_size / num_samples)
-    steps = math.ceil(f.epochs / sample_rate) if f.epochs is not None else int(f.steps)
-    return Schedule(sample_rate, steps)
 
 
 def plan_finetune(cfg: DictConfig, num_samples: float, fixed: list[Mechanism]) -> Mechanism:

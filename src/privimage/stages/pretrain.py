@@ -27,63 +27,25 @@ from torch.nn.parallel import DistributedDataParallel
 from privimage import distributed
 from privimage.atomic import atomic_path, read_json
 from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.builders import MODEL_FILE, build_denoiser, diffusion_loss, pretraining_step
 from privimage.config import fingerprint
 from privimage.data import ImageDataset, to_tensor
-from privimage.diffusion.edm import EDMPrecond, edm_loss
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
-from privimage.diffusion.unet import UNet
 from privimage.errors import UserError
 from privimage.rundir import RunDir
+from privimage.planning import pretraining_is_late
 from privimage.runtime import seeded
 from privimage.stages.semantics import pretraining_set
+from privimage.stages.warmstart import warm_start_images
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
 LATE_CHECK_EVERY = 25  # steps: often enough to stop within seconds, seldom enough that the pace is measured
 LABEL_EMBEDDING = "unet.class_embed.weight"  # one row per class, the null class last
-
-
-def build_denoiser(cfg: DictConfig, num_classes: int) -> EDMPrecond:
-    m = cfg.model
-    unet = UNet(
-        resolution=cfg.data.resolution, in_channels=cfg.data.channels, num_classes=num_classes,
-        base_channels=m.base_channels, channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-    )
-    return EDMPrecond(unet, sigma_data=m.sigma_data)
-
-
-def load_denoiser(cfg: DictConfig, num_classes: int, path: Path, device: torch.device) -> EDMPrecond:
-    net = build_denoiser(cfg, num_classes)
-    tensors, _ = load_checkpoint(path)
-    net.load_state_dict(tensors)
-    return net.to(device).eval()
-
-
-def diffusion_loss(cfg: DictConfig, num_classes: int) -> Callable:
-    """Per-sample EDM loss with the configured label dropout; `forward` is the denoiser."""
-    m = cfg.model
-
-    def loss(forward: Callable, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return edm_loss(forward, x, y, num_classes=num_classes, sigma_data=m.sigma_data, label_dropout=m.label_dropout)
-
-    return loss
-
-
-def pretraining_step(net: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                     y: torch.Tensor, *, bf16: bool) -> torch.Tensor:
-    """One optimizer step on the batch's mean loss (returned); the planner's probe times this same step."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        loss = loss_fn(net, x, y).float().mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss
 
 
 def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path,
@@ -177,8 +139,6 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     selected = pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
     if "warmstart" not in pipeline.stages():
         return selected, None
-    from privimage.stages.warmstart import warm_start_images  # here: warmstart → dpmerf → sample → this module
-
     extra = warm_start_images(pipeline.cfg, pipeline.run, names, pipeline.device)
     data = ImageDataset(np.concatenate([selected.images[np.arange(len(selected))], extra.images]),
                         np.concatenate([selected.labels, extra.labels]), names, name=f"{selected.name}+warm-start")
@@ -236,8 +196,6 @@ def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
     would read as a slow machine. It never stops before the plan's floor."""
     if pipeline.plan is None:
         return None
-    from privimage.planning import pretraining_is_late  # here: planning → finetune → this module
-
     plan, first = pipeline.plan, []
 
     def is_late(steps: int, seconds: float) -> bool:

@@ -20,26 +20,15 @@ from tqdm.auto import tqdm
 
 from privimage import distributed
 from privimage.data import ImageDataset, to_uint8
-from privimage.diffusion.sampler import edm_sample
 from privimage.report.figures import image_grid, png_bytes
 from privimage.atomic import TEMPORARY_SUFFIX, atomic_path, write_bytes
+from privimage.builders import MODEL_FILE, load_denoiser, sample_batch
 from privimage.rundir import RunDir
-from privimage.stages.pretrain import MODEL_FILE, load_denoiser
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
 
 GRID_COLUMNS = 10
-
-
-def sample_batch(net: torch.nn.Module, labels: torch.Tensor, cfg: DictConfig, num_classes: int, *, steps: int,
-                 bf16: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One batch of images in [-1, 1] with the configured sampler (the planner's probe times this same call)."""
-    s = cfg.sample
-    shape = (len(labels), cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    with torch.inference_mode(), torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
-        return edm_sample(net, labels, shape=shape, num_classes=num_classes, steps=steps, guidance=s.guidance,
-                          solver=s.solver, generator=generator)
 
 
 def generate(

@@ -17,11 +17,12 @@ from omegaconf import DictConfig
 from torch import nn
 
 from privimage import distributed
+from privimage.builders import build_classifier
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset
 from privimage.errors import UserError
-from privimage.classifiers import ResNetGN, SmallCNN, predict_logits, train_classifier
+from privimage.classifiers import predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
 from privimage.privacy.ledger import Booking, PrivacyLedger
 from privimage.atomic import read_json, write_json
@@ -48,13 +49,6 @@ REPEATABLE = True
 def release_key(pipeline: Pipeline) -> str:
     """The name of the query this config books: the stage's fingerprint."""
     return pipeline.stage_fingerprint("semantics")
-
-
-def build_classifier(cfg: DictConfig, public: ImageDataset) -> nn.Module:
-    c = cfg.semantics.classifier
-    if c.arch == "resnet":
-        return ResNetGN(public.channels, public.num_classes, width=c.width, blocks=tuple(c.blocks))
-    return SmallCNN(public.channels, public.num_classes, width=c.width)
 
 
 def _classifier_path(cfg: DictConfig, public: ImageDataset, model: nn.Module, cache_dir: Path) -> Path:

@@ -29,10 +29,11 @@ from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, calibrate_noise_multiplier
 from privimage.rundir import RunDir
 from privimage.merf import FeatureMap, JointFeatures, NetworkFeatures
+from privimage.builders import build_classifier
 from privimage.runtime import seeded
 from privimage.stages.dpmerf import (fit_generator, generator_images, generator_path, load_generator, random_features,
                                      release_name)
-from privimage.stages.semantics import build_classifier, semantic_classifier
+from privimage.stages.semantics import semantic_classifier
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
