@@ -122,6 +122,7 @@ def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> di
         seconds[stage] = facts.get("seconds")
         if facts.get("reused_cached_model"):
             reused.append(stage)
+        public_images = facts.get("public_images", public_images)  # pretrain's count after pretrain.public_fit
     return {
         "run": name, "dataset": dataset_label(cfg), "method": cfg.method, "epsilon": cfg.privacy.epsilon,
         "minutes": cfg.minutes, "public_share": read_public_share(run),
