@@ -1,7 +1,7 @@
 """A sensitive domain the public set does not cover: animal silhouettes against a public set of glyphs.
 
-The semantic query still picks a glyph for every animal; the release shows none of them fits, so
-pretraining leaves their images out and the animals are drawn from the warm start's images alone.
+The semantic query still picks a glyph for every animal; the release shows that (almost) none of them
+fits, so pretraining leaves their images out and those animals are drawn from the warm start's images.
 The public share of the samples, a statistic of the training split, is written under private/ only.
 """
 
@@ -30,10 +30,13 @@ def test_no_glyph_is_pretrained_on_as_an_animal(animals_run):
     selected = json.loads((animals_run / "semantics.json").read_text())["selected"]
     assert all(pick.startswith("glyph:") for picks in selected.values() for pick in picks)  # the query must pick
     pretrain = json.loads((animals_run / "stages" / "pretrain.json").read_text())
-    weights = pretrain["public_fit"]
-    assert set(weights) == set(selected) and all(w == 0 for row in weights.values() for w in row.values())
-    warm_start_samples = 100  # the quick preset's warm_start.samples
-    assert pretrain["pretraining_images"] == warm_start_samples
+    weights = [w for row in pretrain["public_fit"].values() for w in row.values()]
+    assert set(pretrain["public_fit"]) == set(selected)
+    assert sum(w == 0 for w in weights) >= 8  # a silhouette may happen to fit a glyph (a giraffe an l), most cannot
+    kept = sum(w > 0 for w in weights)
+    glyph_samples, warm_start_samples = 40, 100  # the quick preset's
+    assert pretrain["public_images"] == glyph_samples * kept
+    assert pretrain["pretraining_images"] == glyph_samples * kept + warm_start_samples
 
 
 def test_the_public_share_is_private_and_measured_on_samples_and_real_test_images(animals_run):
