@@ -197,10 +197,10 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     share = pipeline.cfg.pretrain.warm_start_share
     if share is None and (fit == 1).all():
         return data, None
-    public_part, warm_part = (len(selected), len(extra)) if share is None else ((1 - share) * len(data), share * len(data))
+    public_part, warm_part = (len(selected), len(extra)) if share is None else (1 - share, share)
     weights = torch.cat([torch.as_tensor(fit * public_part / max(len(selected), 1), dtype=torch.float64),
                          torch.full((len(extra),), warm_part / len(extra), dtype=torch.float64)])
-    return data, weights
+    return data, weights / weights.sum()
 
 
 def public_fit(pipeline: Pipeline, chosen: dict[str, list[str]]) -> dict[str, float]:
