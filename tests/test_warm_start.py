@@ -14,7 +14,7 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.methods import STAGE_TABLE
 from privimage.pipeline import Pipeline
-from privimage.stages.pretrain import picked_image_weights, pretraining_data
+from privimage.stages.pretrain import picked_image_weights, pretraining_data, public_fit
 from privimage.stages.warmstart import despeckle, generator_file, warm_start_images
 from privimage.privacy.accountant import compose_epsilon
 
@@ -156,8 +156,9 @@ def test_a_released_warm_start_whose_file_is_gone_or_whose_settings_changed_refu
 
 def test_public_fit_draws_each_kept_public_image_by_its_picks_weight_and_the_warm_start_takes_the_rest(warm_run):
     root, pipeline = warm_run
-    fit = json.loads((root / "stages" / "pretrain.json").read_text())["public_fit"]
-    weight_of = {pick: w for row in fit.values() for pick, w in row.items()}
+    weight_of = public_fit(pipeline, json.loads((root / "semantics.json").read_text())["selected"])
+    noted = json.loads((root / "stages" / "pretrain.json").read_text())["public_fit"]
+    assert {pick: round(w, 3) for pick, w in weight_of.items()} == {p: w for row in noted.values() for p, w in row.items()}
     data, weights = pretraining_data(pipeline)
     kept = picked_image_weights(pipeline.public, weight_of)
     kept = kept[kept > 0]
