@@ -14,7 +14,7 @@ from privimage.data import ImageDataset
 from privimage.errors import UserError
 from privimage.methods import STAGE_TABLE
 from privimage.pipeline import Pipeline
-from privimage.stages.pretrain import pretraining_data
+from privimage.stages.pretrain import picked_image_weights, pretraining_data, public_fit
 from privimage.stages.warmstart import despeckle, generator_file, warm_start_images
 from privimage.privacy.accountant import compose_epsilon
 
@@ -107,9 +107,10 @@ def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache
     model = (root / "pretrain" / "model.safetensors").read_bytes()
     cached = list((cache_dir / "pretrained").glob("*.safetensors"))
     assert all(path.read_bytes() != model for path in cached)
-    # and it saw the public images plus the warm start's 30
+    # and it saw the public images that fit (pretrain.public_fit) plus the warm start's 30
     selected = json.loads((root / "semantics.json").read_text())["public_images"]
-    assert json.loads((root / "stages" / "pretrain.json").read_text())["pretraining_images"] == selected + 30
+    pretrain = json.loads((root / "stages" / "pretrain.json").read_text())
+    assert pretrain["public_images"] <= selected and pretrain["pretraining_images"] == pretrain["public_images"] + 30
 
 
 def test_pretraining_sees_the_generator_images_median_filtered(warm_run):
@@ -124,9 +125,10 @@ def test_pretraining_sees_the_generator_images_median_filtered(warm_run):
 
 def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up(warm_run):
     root, pipeline = warm_run
-    data, weights = pretraining_data(pipeline)
+    every_pick = OmegaConf.merge(pipeline.cfg, {"pretrain": {"public_fit": None}})  # all selected images, full weight
+    data, weights = pretraining_data(Pipeline(every_pick, root))
     assert weights is None  # null: drawn uniformly from the set
-    shared = Pipeline(OmegaConf.merge(pipeline.cfg, {"pretrain": {"warm_start_share": 0.75}}), root)
+    shared = Pipeline(OmegaConf.merge(every_pick, {"pretrain": {"warm_start_share": 0.75}}), root)
     same, weights = pretraining_data(shared)
     assert len(same) == len(data) == len(weights)
     assert weights[-30:].sum().item() == pytest.approx(0.75)  # the warm start's 30 come last
@@ -150,3 +152,20 @@ def test_a_released_warm_start_whose_file_is_gone_or_whose_settings_changed_refu
     with pytest.raises(UserError, match="use a new --out"):
         pipeline.run_stage("warmstart", force=True)
     assert (run / "privacy.json").read_bytes() == before
+
+
+def test_public_fit_draws_each_kept_public_image_by_its_picks_weight_and_the_warm_start_takes_the_rest(warm_run):
+    root, pipeline = warm_run
+    weight_of = public_fit(pipeline, json.loads((root / "semantics.json").read_text())["selected"])
+    noted = json.loads((root / "stages" / "pretrain.json").read_text())["public_fit"]
+    assert {pick: round(w, 3) for pick, w in weight_of.items()} == {p: w for row in noted.values() for p, w in row.items()}
+    data, weights = pretraining_data(pipeline)
+    kept = picked_image_weights(pipeline.public, weight_of)
+    kept = kept[kept > 0]
+    assert len(data) == len(kept) + 30
+    if weights is None:  # every pick fits fully
+        assert (kept == 1).all()
+        return
+    assert weights.sum().item() == pytest.approx(1.0)
+    per_image = weights[:-30].numpy()
+    assert per_image == pytest.approx(kept * weights[-1].item())  # a warm start image weighs 1, as an image that fits

@@ -7,6 +7,11 @@ privimage and pdp pretraining and DP-SGD steps, dpdm DP-SGD steps only). dpmerf 
 the budget (its generator runs its configured steps, in less than the smallest budget): it runs
 once per ε, `DIR/dpmerf-eps<ε>`. The owner's real-data reference does not depend on the method and
 is left out (`evaluate.reference=false`). Runs are resumable and skipped when done, like `privimage run`.
+
+`bench.datasets` lists data settings to run all of that on, one after another (e.g. the built-in digits and
+animals against a public set of glyphs, a domain the public data does not cover); their runs go to
+`DIR/<sensitive>-<public>/`. bench.md then ends with privimage's margin over dpmerf per dataset, ε and budget.
+The public share of each run (stages/evaluate.py) is private: it goes to `DIR/private/public_share.md`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
@@ -25,6 +31,7 @@ from privimage.methods import METHODS, STAGE_TABLE, STAGES
 from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
+from privimage.stages.evaluate import read_public_share
 
 STAGE_COLUMNS = tuple(s for s in STAGES if s != "report")  # every stage that takes time, in run order
 
@@ -40,27 +47,47 @@ def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:
         raise UserError(f"--{what} must be a comma-separated list (got '{text}')") from None
 
 
+def dataset_label(cfg: DictConfig) -> str:
+    """`<sensitive>-<public>`: the last path component of each (a built-in name is its own)."""
+    return f"{Path(str(cfg.data.sensitive)).name}-{Path(str(cfg.data.public)).name}"
+
+
+def with_data(cfg: DictConfig, data: object) -> DictConfig:
+    """`cfg` with one entry of `bench.datasets`: a sensitive dataset, or a mapping of `data` keys."""
+    layer = {"sensitive": data} if isinstance(data, str) else data
+    try:
+        return OmegaConf.merge(cfg, {"data": layer})
+    except OmegaConfBaseException:
+        raise UserError(f"bench.datasets: {data} is neither a dataset nor a mapping of data keys: write e.g. "
+                        "[mnist,{sensitive: animals, public: glyphs}]") from None
+
+
 def bench_configs(cfg: DictConfig, methods: Sequence[str], epsilons: Sequence[float],
                   budgets: Sequence[float]) -> dict[str, DictConfig]:
-    """One validated config per run name, differing from `cfg` only in method, ε and minutes."""
+    """One validated config per run name, differing from `cfg` only in data (`bench.datasets`), method, ε
+    and minutes."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise UserError(f"unknown method {', '.join(unknown)}: choose from {', '.join(METHODS)}")
     if any(minutes <= 0 for minutes in budgets):
         raise UserError("--minutes must be positive numbers of minutes, e.g. 5,15")
+    datasets = list(cfg.bench.datasets)
+    data_configs = [with_data(cfg, data) for data in datasets] or [cfg]
     configs = {}
-    for epsilon in epsilons:  # in this order, so that a benchmark stopped early has whole rows of the table
-        for minutes in budgets:
-            for method in methods:
-                planned = METHODS[method].follows_budget
-                name = f"{method}-eps{epsilon:g}" + (f"-{minutes:g}min" if planned else "")
-                if name in configs:
-                    continue
-                run_cfg = OmegaConf.merge(cfg, {"method": method, "privacy": {"epsilon": float(epsilon)},
-                                                "minutes": minutes if planned else None,
-                                                "evaluate": {"reference": False}})
-                validate(run_cfg)
-                configs[name] = run_cfg
+    for data_cfg in data_configs:
+        folder = f"{dataset_label(data_cfg)}/" if datasets else ""
+        for epsilon in epsilons:  # in this order, so that a benchmark stopped early has whole rows of the table
+            for minutes in budgets:
+                for method in methods:
+                    planned = METHODS[method].follows_budget
+                    name = f"{folder}{method}-eps{epsilon:g}" + (f"-{minutes:g}min" if planned else "")
+                    if name in configs:
+                        continue
+                    run_cfg = OmegaConf.merge(data_cfg, {"method": method, "privacy": {"epsilon": float(epsilon)},
+                                                         "minutes": minutes if planned else None,
+                                                         "evaluate": {"reference": False}})
+                    validate(run_cfg)
+                    configs[name] = run_cfg
     return configs
 
 
@@ -95,8 +122,10 @@ def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> di
         seconds[stage] = facts.get("seconds")
         if facts.get("reused_cached_model"):
             reused.append(stage)
+        public_images = facts.get("public_images", public_images)  # pretrain's count after pretrain.public_fit
     return {
-        "run": name, "method": cfg.method, "epsilon": cfg.privacy.epsilon, "minutes": cfg.minutes,
+        "run": name, "dataset": dataset_label(cfg), "method": cfg.method, "epsilon": cfg.privacy.epsilon,
+        "minutes": cfg.minutes, "public_share": read_public_share(run),
         "spent": ledger["spent"]["epsilon"],
         "fid": metrics.get("fid"), "accuracy": metrics["accuracy"], "public_images": public_images,
         "parameters": parameter_count(STAGE_TABLE[METHODS[cfg.method].model_stage].module.model_file(run)),
@@ -111,11 +140,11 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def bench_markdown(rows: list[dict]) -> str:
     classifiers = sorted({name for row in rows for name in row["accuracy"]})
-    header = ["method", "budget (min)", "ε target", "ε spent", "FID", *(f"accuracy ({c})" for c in classifiers),
+    header = ["dataset", "method", "budget (min)", "ε target", "ε spent", "FID", *(f"accuracy ({c})" for c in classifiers),
               "public images", "parameters", "stages (min)", *(f"{s} s" for s in STAGE_COLUMNS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["method"], _cell(row["minutes"], "g"), f"{row['epsilon']:g}", f"{row['spent']:.3f}",
+        cells = [row["dataset"], row["method"], _cell(row["minutes"], "g"), f"{row['epsilon']:g}", f"{row['spent']:.3f}",
                  _cell(row["fid"], ".1f"),
                  *(_cell(row["accuracy"].get(c), ".3f") for c in classifiers), f"{row['public_images']:,}",
                  f"{row['parameters']:,}", f"{row['wall'] / 60:.1f}",
@@ -126,7 +155,40 @@ def bench_markdown(rows: list[dict]) -> str:
             "on the real test split. `stages (min)`: the stages' wall time, without data loading and the planner's "
             "probe. `–`: not measured (e.g. `evaluate.fid=false`) or stage not part of the method; `cached`: the "
             "model pretrained by an earlier run on the same public images with the same settings was reused.\n")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + margin_markdown(rows, classifiers)
+
+
+def margin_markdown(rows: list[dict], classifiers: list[str]) -> str:
+    """privimage's accuracy minus dpmerf's, in points, for each dataset, ε and budget that has both."""
+    dpmerf = {(row["dataset"], row["epsilon"]): row for row in rows if row["method"] == "dpmerf"}
+    pairs = [(row, dpmerf[row["dataset"], row["epsilon"]]) for row in rows
+             if row["method"] == "privimage" and (row["dataset"], row["epsilon"]) in dpmerf]
+    if not pairs:
+        return ""
+    header = ["dataset", "ε target", "budget (min)", *(f"margin ({c}, points)" for c in classifiers)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for mine, theirs in pairs:
+        margins = [None if c not in mine["accuracy"] or c not in theirs["accuracy"]
+                   else 100 * (mine["accuracy"][c] - theirs["accuracy"][c]) for c in classifiers]
+        cells = [mine["dataset"], f"{mine['epsilon']:g}", _cell(mine["minutes"], "g"), *(_cell(m, "+.1f") for m in margins)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return ("\n## privimage's margin over dpmerf\n\nprivimage's accuracy minus dpmerf's at the same ε, on the same "
+            "dataset and split: what the diffusion model adds to a DP-MERF release of the whole budget.\n\n"
+            + "\n".join(lines) + "\n")
+
+
+def public_share_markdown(rows: list[dict]) -> str:
+    """Private to the data owner: the share of each run's samples, and of the real test split, that a
+    public-vs-sensitive classifier trained on the sensitive training split calls public."""
+    header = ["dataset", "method", "budget (min)", "ε target", "synthetic called public", "real test called public"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        share = row["public_share"] or {}
+        lines.append("| " + " | ".join([row["dataset"], row["method"], _cell(row["minutes"], "g"), f"{row['epsilon']:g}",
+                                         _cell(share.get("synthetic"), ".3f"), _cell(share.get("real_test"), ".3f")])
+                     + " |")
+    return ("Private to the data owner (a statistic of the sensitive training split; stages/evaluate.py). `–`: "
+            "not measured (`evaluate.public_share=false`).\n\n" + "\n".join(lines) + "\n")
 
 
 def bench_figure(rows: list[dict]) -> bytes:
@@ -134,17 +196,20 @@ def bench_figure(rows: list[dict]) -> bytes:
     with the budget, as a level line."""
     epsilons = sorted({row["epsilon"] for row in rows})
     budgets = sorted({row["minutes"] for row in rows if row["minutes"] is not None}) or [1.0]
+    several = len({row["dataset"] for row in rows}) > 1
     fig = Figure(figsize=(4.5 * len(epsilons), 3.6))
     axes = fig.subplots(1, len(epsilons), squeeze=False)[0]
     for axis, epsilon in zip(axes, epsilons):
         mine = [row for row in rows if row["epsilon"] == epsilon]
-        for method in dict.fromkeys(row["method"] for row in mine):
-            points = sorted((row for row in mine if row["method"] == method), key=lambda row: row["minutes"] or 0)
+        for dataset, method in dict.fromkeys((row["dataset"], row["method"]) for row in mine):
+            points = sorted((row for row in mine if row["method"] == method and row["dataset"] == dataset),
+                            key=lambda row: row["minutes"] or 0)
             best = [max(row["accuracy"].values()) for row in points]
+            label = f"{dataset}: {method}" if several else method
             if points[0]["minutes"] is None:
-                axis.plot([budgets[0], budgets[-1]], [best[0]] * 2, linestyle="--", label=f"{method} (no budget)")
+                axis.plot([budgets[0], budgets[-1]], [best[0]] * 2, linestyle="--", label=f"{label} (no budget)")
             else:
-                axis.plot([row["minutes"] for row in points], best, marker="o", label=method)
+                axis.plot([row["minutes"] for row in points], best, marker="o", label=label)
         axis.set_title(f"ε = {epsilon:g}")
         axis.set_xlabel("time budget (minutes)")
         axis.set_ylabel("accuracy on real test data")
@@ -156,3 +221,4 @@ def bench_figure(rows: list[dict]) -> bytes:
 def write_bench(out: Path, rows: list[dict]) -> None:
     write_text(out / "bench.md", bench_markdown(rows))
     write_bytes(out / "bench.png", bench_figure(rows))
+    write_text(out / "private" / "public_share.md", public_share_markdown(rows), private=True)

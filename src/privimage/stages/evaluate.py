@@ -9,7 +9,9 @@ no data-specific augmentation and fixed hyperparameters, and are tested on the r
 `accuracy_augmented` (it measures the classifier's augmentation as much as the data). With
 `evaluate.reference` they are trained on as many real *training* images as there are synthetic ones:
 what real data of that size would give. It is a statistic of the sensitive training split, so it goes
-to `private/reference.json` only.
+to `private/reference.json` only. So does `evaluate.public_share`: a small CNN trained to tell the public
+images from the sensitive training images gives the share of the synthetic set, and of the real test
+split, that it calls public (evaluation/public_share.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from privimage.evaluation.downstream import LabelledImages, downstream_accuracy
 from privimage.evaluation.fid import InceptionFeatures, feature_stats, fid_from_stats
 from privimage.evaluation.manifold import precision_recall
 from privimage.evaluation.memorization import closest_pairs_figure, memorization
+from privimage.evaluation.public_share import public_share
 from privimage.atomic import read_json, write_bytes, write_json
 from privimage.rundir import RunDir
 from privimage.stages.sample import load_synthetic
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
 
 REFERENCE_FILE = "reference.json"  # under private/
+PUBLIC_SHARE_FILE = "public_share.json"  # under private/
 
 
 def seeded_subset(data: ImageDataset, n: int, seed: int) -> ImageDataset:
@@ -48,10 +52,18 @@ def read_reference(run: RunDir) -> dict | None:
     return read_json(path) if path.exists() else None
 
 
+def read_public_share(run: RunDir) -> dict | None:
+    """The private public-share measure of a run, if it was measured."""
+    path = run.private / PUBLIC_SHARE_FILE
+    return read_json(path) if path.exists() else None
+
+
 def run_evaluation(
-    cfg: DictConfig, run: RunDir, train: ImageDataset, test: ImageDataset, device: torch.device
+    cfg: DictConfig, run: RunDir, train: ImageDataset, test: ImageDataset, device: torch.device,
+    public: ImageDataset | None = None,
 ) -> dict:
-    """FID and precision/recall against the test split; memorization compares with the training split."""
+    """FID and precision/recall against the test split; memorization compares with the training split;
+    the public share (with `public`) tells the synthetic set and the test split from `public`."""
     e = cfg.evaluate
     synthetic = load_synthetic(run)
     metrics: dict = {"samples": len(synthetic)}
@@ -68,6 +80,10 @@ def run_evaluation(
         subset = seeded_subset(train, len(synthetic), cfg.seed)
         write_json(run.private / REFERENCE_FILE, {"train_images": len(subset), "accuracy": accuracy(subset, progress=False)},
                    private=True)
+    if e.public_share and public is not None:
+        shares = public_share(public.images, train.images, {"synthetic": synthetic.images, "real_test": test.images},
+                              seed=cfg.seed, device=str(device))
+        write_json(run.private / PUBLIC_SHARE_FILE, {"public_set": public.name, **shares}, private=True)
     if e.fid:
         extractor = InceptionFeatures(e.fid_weights, device=str(device))
         real = feature_stats(seeded_subset(test, e.fid_samples, cfg.seed).images, extractor, run.private / "fid",
@@ -86,4 +102,5 @@ def run_evaluation(
 def run(pipeline: Pipeline) -> None:
     """Rank 0 alone: evaluation is cheap next to training."""
     if distributed.is_main():
-        run_evaluation(pipeline.cfg, pipeline.run, pipeline.sensitive_train, pipeline.sensitive_test, pipeline.device)
+        run_evaluation(pipeline.cfg, pipeline.run, pipeline.sensitive_train, pipeline.sensitive_test, pipeline.device,
+                       pipeline.public if pipeline.cfg.evaluate.public_share else None)

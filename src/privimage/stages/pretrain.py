@@ -33,11 +33,14 @@ from privimage.data import ImageDataset, to_tensor
 from privimage.diffusion.ema import EMA
 from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
 from privimage.errors import UserError
-from privimage.rundir import RunDir
+from privimage.merf import SIZE_WEIGHT, class_means
 from privimage.planning import pretraining_is_late
+from privimage.rundir import RunDir
 from privimage.runtime import seeded
+from privimage.semantics.public_fit import fit_ratios, fit_weights
+from privimage.stages.dpmerf import EMBEDDING_FILE
 from privimage.stages.semantics import pretraining_set
-from privimage.stages.warmstart import warm_start_images
+from privimage.stages.warmstart import STAGE as WARM_START, trained_features, warm_start_images
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -131,23 +134,75 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     with the warm start's generator images (stages/warmstart.py) where the method runs it.
 
     Returns the images and their sampling weights: None (uniform) unless `pretrain.warm_start_share` sets
-    the share of each batch that the generator's images make up.
+    the share of each batch that the generator's images make up, or `pretrain.public_fit` gives a selected
+    public class that fits its sensitive class poorly less than its share (none at all: its images are left
+    out); the warm start's images take the rest.
     """
     if pipeline.method.pretraining_data != "selected":
         return pipeline.public, None
     names = pipeline.sensitive_train.class_names
-    selected = pretraining_set(pipeline.public, read_json(pipeline.run.semantics)["selected"], names)
+    chosen = read_json(pipeline.run.semantics)["selected"]
+    selected = pretraining_set(pipeline.public, chosen, names)
     if "warmstart" not in pipeline.stages():
         return selected, None
+    fit = np.ones(len(selected))
+    if pipeline.cfg.pretrain.public_fit is not None:
+        weight_of = public_fit(pipeline, chosen)
+        pipeline.note("pretrain", public_fit={name: {pick: round(weight_of[pick], 3) for pick in picks}
+                                              for name, picks in chosen.items()})
+        fit = picked_image_weights(pipeline.public, weight_of)
+        selected = selected.subset(np.flatnonzero(fit > 0))
+        fit = fit[fit > 0]
+        pipeline.note("pretrain", public_images=len(selected))
     extra = warm_start_images(pipeline.cfg, pipeline.run, names, pipeline.device)
     data = ImageDataset(np.concatenate([selected.images[np.arange(len(selected))], extra.images]),
                         np.concatenate([selected.labels, extra.labels]), names, name=f"{selected.name}+warm-start")
     share = pipeline.cfg.pretrain.warm_start_share
-    if share is None:
+    if share is None and (fit == 1).all():
         return data, None
-    weights = torch.cat([torch.full((len(selected),), (1 - share) / len(selected), dtype=torch.float64),
-                         torch.full((len(extra),), share / len(extra), dtype=torch.float64)])
-    return data, weights
+    public_part, warm_part = (len(selected), len(extra)) if share is None else (1 - share, share)
+    weights = torch.cat([torch.as_tensor(fit * public_part / max(len(selected), 1), dtype=torch.float64),
+                         torch.full((len(extra),), warm_part / len(extra), dtype=torch.float64)])
+    return data, weights / weights.sum()
+
+
+def public_fit(pipeline: Pipeline, chosen: dict[str, list[str]]) -> dict[str, float]:
+    """Each selected public class's weight in pretraining (semantics/public_fit.py), from the warm start's
+    release and the public images: post-processing of DP outputs, no sensitive image is read."""
+    cfg, public = pipeline.cfg, pipeline.public
+    bounds = cfg.pretrain.public_fit
+    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
+        raise UserError(f"pretrain.public_fit must be [full, none] with 0 <= full < none, or null (got {bounds})")
+    noisy_sum = load_checkpoint(pipeline.run.root / WARM_START / EMBEDDING_FILE)[0]["noisy_sum"]
+    sigma = pipeline.ledger.find(WARM_START).mechanism.noise_multiplier
+    sizes = (noisy_sum[:, -1] / SIZE_WEIGHT).clamp(min=1.0).double().numpy()  # as class_means reads them
+    noise_var = (sigma / SIZE_WEIGHT / sizes) ** 2  # of each coordinate of a class mean
+    features = trained_features(cfg, public, pipeline.cache_dir, pipeline.device)
+    names = pipeline.sensitive_train.class_names
+    picks = [(names.index(name), pick) for name, row in chosen.items() for pick in row]
+    index = {name: i for i, name in enumerate(public.class_names)}
+    with torch.no_grad():
+        pick_means = np.stack([_mean_feature(features, public.images, np.flatnonzero(public.labels == index[pick]),
+                                             pipeline.device) for _, pick in picks])
+    ratios = fit_ratios(class_means(noisy_sum).double().numpy(), noise_var, pick_means,
+                        np.array([c for c, _ in picks]))
+    return {pick: float(w) for (_, pick), w in zip(picks, fit_weights(ratios, *bounds))}
+
+
+def picked_image_weights(public: ImageDataset, weight_of: dict[str, float]) -> np.ndarray:
+    """The weight of each image of `pretraining_set` (the picked classes' images, in the public set's order)."""
+    by_class = np.full(public.num_classes, np.nan)
+    for i, name in enumerate(public.class_names):
+        by_class[i] = weight_of.get(name, np.nan)
+    weights = by_class[public.labels]
+    return weights[~np.isnan(weights)]
+
+
+def _mean_feature(features: Callable, images: np.ndarray, indices: np.ndarray, device: torch.device,
+                  batch: int = 512) -> np.ndarray:
+    total = sum(features(to_tensor(torch.from_numpy(images[indices[i:i + batch]]).to(device))).double().sum(0)
+                for i in range(0, len(indices), batch))
+    return (total / len(indices)).cpu().numpy()
 
 
 def run(pipeline: Pipeline) -> None:
