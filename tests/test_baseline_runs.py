@@ -30,6 +30,25 @@ def test_dpmerf_books_one_gaussian_release_and_writes_a_synthetic_set(dpmerf_run
     assert json.loads((root / "metrics.json").read_text())["accuracy"]
 
 
+@pytest.mark.parametrize("method", ["dpmerf", "pdp", "dpdm"])
+def test_the_privacy_plan_is_what_the_method_books(method, tmp_path, cache_dir, dpmerf_run):
+    """`privimage budget` and `run --dry-run` print Pipeline.privacy_plan: for every method, what its
+    stages book (the privimage method: tests/test_pipeline_e2e.py)."""
+    if method == "dpmerf":
+        root, cfg = dpmerf_run[0], quick(cache_dir, "method=dpmerf", "privacy.epsilon=2")
+    else:
+        root, cfg = tmp_path / "run", quick(cache_dir, f"method={method}", "pretrain.steps=2")
+        pipeline = Pipeline(cfg, root).validate().create()
+        if method == "pdp":
+            pipeline.run_stage("pretrain")
+        pipeline.run_stage("finetune")
+        pipeline.close()
+    planned = Pipeline(cfg, root).validate().privacy_plan()
+    booked = json.loads((root / "privacy.json").read_text())["entries"]
+    assert [(r.stage, r.mechanism.noise_multiplier, r.mechanism.sample_rate, r.mechanism.steps) for r in planned] == [
+        (e["stage"], pytest.approx(e["noise_multiplier"], rel=1e-9), e["sample_rate"], e["steps"]) for e in booked]
+
+
 def test_the_released_embedding_is_the_exact_sum_plus_noise_of_the_booked_std(dpmerf_run):
     """Reference: the exact sum recomputed from the training split; the difference is the noise."""
     residual, sigma = release_residual(*dpmerf_run, "dpmerf")

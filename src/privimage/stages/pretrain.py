@@ -174,7 +174,7 @@ def public_fit(pipeline: Pipeline, chosen: dict[str, list[str]]) -> dict[str, fl
     if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1]:
         raise UserError(f"pretrain.public_fit must be [full, none] with 0 <= full < none, or null (got {bounds})")
     noisy_sum = load_checkpoint(pipeline.run.root / WARM_START / EMBEDDING_FILE)[0]["noisy_sum"]
-    sigma = pipeline.ledger.find(WARM_START).mechanism.noise_multiplier
+    sigma = pipeline.ledger.reread().find(WARM_START).mechanism.noise_multiplier  # under torchrun rank 0 booked it
     sizes = (noisy_sum[:, -1] / SIZE_WEIGHT).clamp(min=1.0).double().numpy()  # as class_means reads them
     noise_var = (sigma / SIZE_WEIGHT / sizes) ** 2  # of each coordinate of a class mean
     features = trained_features(cfg, public, pipeline.cache_dir, pipeline.device)
