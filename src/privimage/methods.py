@@ -25,6 +25,9 @@ class Stage:
     # Whether the whole stage reads sensitive data, so that the budget's clock counts it at its planned
     # seconds (planning.BudgetClock). Stages that read it in part mark that part themselves.
     reads_sensitive: bool = False
+    # Whether its release may be made again under new settings (with --force, and paid for again): the
+    # semantic query only; every later release is built on what came before it.
+    repeatable_release: bool = False
     # Whether a method that lists the stage runs it under this config (a stage that can be turned off).
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
 
@@ -36,7 +39,7 @@ class Stage:
 
 # In the order they run.
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
-    Stage("semantics", ("data", "semantics", "seed", "method"), spends_privacy=True),
+    Stage("semantics", ("data", "semantics", "seed", "method"), spends_privacy=True, repeatable_release=True),
     Stage("warmstart", ("warm_start", "dpmerf", "privacy", "seed"), spends_privacy=True,
           enabled=lambda cfg: cfg.warm_start.epsilon_share > 0),
     Stage("pretrain", ("model", "pretrain")),

@@ -230,7 +230,7 @@ class Pipeline:
             booked = self.ledger.find(stage) if STAGE_TABLE[stage].spends_privacy else None
             if booked is None or booked.release == module.release_key(self):
                 continue
-            if not getattr(module, "REPEATABLE", False):
+            if not STAGE_TABLE[stage].repeatable_release:
                 raise UserError(f"{self.run.root} has spent privacy on its {stage} release with other settings (its "
                                 "own or an earlier stage's changed since): releasing again would spend the budget "
                                 "twice; restore them, or use a new --out")

@@ -56,7 +56,7 @@ REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 # Optional evaluation, dropped in this order where the training floors do not fit the budget: the owner's
 # real-data reference, FID, then every downstream classifier but the first (the headline CNN stays).
-EVALUATION_TRIMS = ({"evaluate": {"reference": False}}, {"evaluate": {"fid": False}}, "classifiers")
+EVALUATION_TRIMS = ("reference", "fid", "classifiers")
 
 
 class BudgetClock:
@@ -239,12 +239,11 @@ def _fixed_seconds(cfg: DictConfig, throughput: dict[str, float], semantics_seco
     }
 
 
-def _trimmed(cfg: DictConfig, trim) -> dict:
-    """The evaluate overrides of one step of EVALUATION_TRIMS (empty where it changes nothing)."""
-    if trim == "classifiers":
-        return {"evaluate": {"classifiers": list(cfg.evaluate.classifiers[:1])}} if len(cfg.evaluate.classifiers) > 1 else {}
-    key, value = next(iter(trim["evaluate"].items()))
-    return trim if cfg.evaluate[key] != value else {}
+def _trimmed(evaluate: DictConfig, key: str) -> dict:
+    """The `evaluate` override that drops the optional work of `key` (empty where there is none)."""
+    if key == "classifiers":
+        return {key: list(evaluate.classifiers[:1])} if len(evaluate.classifiers) > 1 else {}
+    return {key: False} if evaluate[key] else {}
 
 
 def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
@@ -257,13 +256,14 @@ def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float
     finetune_floor = max(1, min(cfg.finetune.min_steps, dp_steps))
     step, dp_step = throughput["pretrain_step"], sample_rate * num_samples * throughput["dp_sample"]
     floors = pretrain_floor * step + finetune_floor * dp_step
-    trims, evaluation = list(EVALUATION_TRIMS), {}
-    while True:
+    evaluation = {}
+    for trim in (None, *EVALUATION_TRIMS):
+        if trim is not None:
+            evaluation |= _trimmed(OmegaConf.merge(cfg.evaluate, evaluation), trim)
         expected = _fixed_seconds(OmegaConf.merge(cfg, {"evaluate": evaluation}), throughput, semantics_seconds)
         trainable = SAFETY * seconds_left - sum(expected.values())
-        if trainable >= floors or not trims:
+        if trainable >= floors:
             break
-        evaluation = {**evaluation, **_trimmed(OmegaConf.merge(cfg, {"evaluate": evaluation}), trims.pop(0)).get("evaluate", {})}
     if trainable < floors:
         spent = 60 * cfg.minutes - seconds_left
         needed = math.ceil((spent + (sum(expected.values()) + floors) / SAFETY) / 60)

@@ -251,14 +251,15 @@ def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
     would read as a slow machine. It never stops before the plan's floor."""
     if pipeline.plan is None:
         return None
-    plan, first = pipeline.plan, []
+    plan, first = pipeline.plan, None
 
     def is_late(steps: int, seconds: float) -> bool:
-        if not first:
-            first.append((steps, seconds))
+        nonlocal first
+        if first is None:
+            first = (steps, seconds)
             return False
         return steps >= plan.pretrain_floor and pretraining_is_late(
-            plan, pipeline.seconds_left(), steps - first[0][0], seconds - first[0][1])
+            plan, pipeline.seconds_left(), steps - first[0], seconds - first[1])
 
     return is_late
 

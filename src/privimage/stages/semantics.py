@@ -42,8 +42,6 @@ def query_mechanism(cfg: DictConfig, num_samples: int = 0, earlier: Sequence[Mec
 
 
 mechanism = query_mechanism  # what the stage books (methods.py)
-# A new query may be booked beside a released one (`--force`, Pipeline._check_releases): it costs its own ε.
-REPEATABLE = True
 
 
 def release_key(pipeline: Pipeline) -> str:
