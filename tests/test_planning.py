@@ -1,10 +1,12 @@
 """`--minutes`: the plan fits the budget, scales the configured recipe, and is made once per run directory."""
 
 import json
+import math
 import time
 from dataclasses import replace
 
 import pytest
+from omegaconf import OmegaConf
 
 from privimage import planning
 from privimage.config import load_config
@@ -186,15 +188,41 @@ def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_s
     after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
     margin = planning.STOP_MARGIN * 60 * plan.minutes
     half = plan.pretrain_steps // 2
+
+    def target(seconds_left, seconds_timed, may_extend=False):
+        return planning.pretraining_target(plan, seconds_left, half, half, seconds_timed, may_extend=may_extend)
+
     # On the planned pace, the replan's spare seconds are still there at the last step: no stop.
     at_the_end = 800.0 - plan.expected_seconds["pretrain"]
-    assert not planning.pretraining_is_late(plan, at_the_end, plan.pretrain_steps, plan.expected_seconds["pretrain"])
+    assert planning.pretraining_target(plan, at_the_end, plan.pretrain_steps, plan.pretrain_steps,
+                                       plan.expected_seconds["pretrain"], may_extend=False) == plan.pretrain_steps
     # 1.3x slower: the stages after it are expected 1.3x slower too.
     slow = 1.3 * half * step
-    assert planning.pretraining_is_late(plan, 1.3 * after + margin - 1.0, half, slow)
-    assert not planning.pretraining_is_late(plan, 1.3 * after + margin + 1.0, half, slow)
-    # Faster than planned earns no credit: the stages after it are still expected as planned.
-    assert planning.pretraining_is_late(plan, after + margin - 1.0, half, 0.5 * half * step)
+    assert target(1.3 * after + margin - 1.0, slow) == half
+    assert target(1.3 * after + margin + 1.0, slow) == plan.pretrain_steps
+    # Faster than planned earns no credit for the stages after it: they are still expected as planned.
+    assert target(after + margin - 1.0, 0.5 * half * step) == half
+    assert target(after + margin - 1.0, 0.5 * half * step, may_extend=True) == half
+
+
+def test_pretraining_trains_on_into_the_seconds_its_pace_saved_only_under_a_constant_rate():
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
+                              uses_pretraining=True, num_samples=4000)
+    plan = planning.replan_pretraining(plan, 800.0, {"semantics": plan.expected_seconds["semantics"]})
+    step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
+    after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
+    margin = planning.STOP_MARGIN * 60 * plan.minutes
+    half = plan.pretrain_steps // 2
+    # Half the steps done at 0.8x the planned pace, on the planned clock: the rest costs 0.8x too.
+    left = 800.0 - 0.8 * half * step
+    fast = planning.pretraining_target(plan, left, half, half, 0.8 * half * step, may_extend=True)
+    expected = half + math.floor((left - after / planning.REPLAN_SAFETY - margin) / (0.8 * step))
+    assert fast == expected > plan.pretrain_steps
+    # The extra steps end before the stages after it need their planned seconds (and the margin).
+    assert left - (fast - half) * 0.8 * step >= after + margin
+    # Without leave to extend (a decaying schedule), the plan's steps.
+    assert planning.pretraining_target(plan, left, half, half, 0.8 * half * step, may_extend=False) == plan.pretrain_steps
 
 
 def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_dir, monkeypatch):
@@ -203,9 +231,9 @@ def test_a_late_pretraining_stops_keeps_its_model_and_says_so(tmp_path, cache_di
     pipeline.run_stage("semantics")
     pipeline._replan_pretraining()
     planned = pipeline.cfg.pretrain.steps
-    stop = 2 * pretrain_stage.LATE_CHECK_EVERY  # the first check only starts measuring the pace
+    stop = 2 * pretrain_stage.BUDGET_CHECK_EVERY  # the first check only starts measuring the pace
     assert planned > stop
-    monkeypatch.setattr(pretrain_stage, "pretraining_is_late", lambda plan, left, steps, seconds: True)
+    monkeypatch.setattr(pretrain_stage, "pretraining_target", lambda plan, left, done, *timed, may_extend: done)
     cached = set((cache_dir / "pretrained").glob("*"))
     pipeline.run_stage("pretrain")
     marker = json.loads((tmp_path / "run" / "stages" / "pretrain.json").read_text())
@@ -297,6 +325,26 @@ def test_a_slow_semantic_query_moves_no_pretraining_step(tmp_path, cache_dir, mo
     assert steps["slow"] == steps["fast"]
 
 
+def test_a_fast_pretraining_trains_on_keeps_its_model_and_says_so(tmp_path, cache_dir, monkeypatch):
+    cfg = load_config("quick", None, [f"data.cache_dir={cache_dir}", "minutes=30", "warm_start.epsilon_share=0"])
+    pipeline = opened(cfg, tmp_path / "run")
+    pipeline.run_stage("semantics")
+    pipeline._replan_pretraining()
+    planned = 2 * pretrain_stage.BUDGET_CHECK_EVERY  # a short plan, so that the test trains a few steps
+    pipeline.plan = replace(pipeline.plan, pretrain_steps=planned)
+    pipeline.cfg = OmegaConf.merge(pipeline.cfg, pipeline.plan.overrides())
+    more = planned + pretrain_stage.BUDGET_CHECK_EVERY
+    monkeypatch.setattr(pretrain_stage, "pretraining_target",
+                        lambda plan, left, done, *timed, may_extend: more if may_extend else plan.pretrain_steps)
+    cached = set((cache_dir / "pretrained").glob("*"))
+    pipeline.run_stage("pretrain")
+    marker = json.loads((tmp_path / "run" / "stages" / "pretrain.json").read_text())
+    assert marker["trained_on_to"] == more
+    _, meta = load_checkpoint(tmp_path / "run" / "pretrain" / MODEL_FILE)
+    assert int(meta["steps"]) == more
+    assert set((cache_dir / "pretrained").glob("*")) == cached  # its steps are not the cache key's
+
+
 def test_the_early_stop_ignores_the_first_steps_and_never_stops_below_the_floor(tmp_path, cache_dir):
     cfg = load_config(None, None, ["minutes=15"])
     plan = replace(planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
@@ -307,7 +355,8 @@ def test_the_early_stop_ignores_the_first_steps_and_never_stops_below_the_floor(
             return 1.0
 
     Stub.plan = plan
-    is_late = pretrain_stage._budget_check(Stub())
-    assert not is_late(25, 60.0)  # the first check only starts the pace's clock, however slow it was
-    assert not is_late(50, 61.0)  # below the floor
-    assert is_late(100, 62.0)
+    Stub.cfg = cfg
+    target = pretrain_stage._budget_check(Stub())
+    assert target(25, 25, 60.0) == plan.pretrain_steps  # the first check only starts the pace's clock, however slow
+    assert target(50, 50, 61.0) == 100  # late, but not below the floor
+    assert target(150, 150, 62.0) == 150  # late: stop now

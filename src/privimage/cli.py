@@ -271,7 +271,8 @@ def _stages_table(run: RunDir, stages: tuple[str, ...], plan: dict | None) -> Ta
 def _plan_lines(run: RunDir, plan: dict | None) -> list[str]:
     """The time plan and where pretraining stopped, in words."""
     marker = run.stages / "pretrain.json"
-    stopped = read_json(marker).get("stopped_early_at") if marker.exists() else None
+    notes = read_json(marker) if marker.exists() else {}
+    stopped, trained_on = notes.get("stopped_early_at"), notes.get("trained_on_to")
     if plan is None:
         lines = ["time plan: none (minutes: null): the step counts of config.yaml"]
     else:
@@ -283,6 +284,8 @@ def _plan_lines(run: RunDir, plan: dict | None) -> list[str]:
         lines.append("probe, seconds per unit: " + ", ".join(f"{k} {v:.3g}" for k, v in plan["throughput"].items()))
     if stopped is not None:
         lines.append(f"pretraining stopped early at step {stopped}, to keep the time budget")
+    if trained_on is not None:
+        lines.append(f"pretraining trained on to step {trained_on}: the machine ran faster than planned")
     elif marker.exists():
         lines.append("pretraining ran all its steps")
     return lines

@@ -50,7 +50,7 @@ from privimage.runtime import seeded
 SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the probe is not exact
 # Planned again when pretraining starts, only what is left is uncertain: pretraining itself and the stages after it.
 REPLAN_SAFETY = 0.92
-STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early (pretraining_is_late)
+STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early or trains on (pretraining_target)
 AFTER_PRETRAINING = ("finetune", "sample", "evaluate", "report")  # the stages a late pretraining must leave time for
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
@@ -309,18 +309,28 @@ def replan_pretraining(plan: Plan, seconds_left: float, stage_seconds: dict[str,
                    replanned_seconds_left=seconds_left, slowdown=slowdown)
 
 
-def pretraining_is_late(plan: Plan, seconds_left: float, steps_done: int, seconds_so_far: float) -> bool:
-    """Whether pretraining should stop before its planned steps to keep the budget.
+def pretraining_target(plan: Plan, seconds_left: float, steps_done: int, steps_timed: int, seconds_timed: float,
+                       *, may_extend: bool) -> int:
+    """How many steps pretraining should reach, asked as it trains: `steps_done` so far, the last
+    `steps_timed` of them in `seconds_timed`.
 
-    The machine may slow down after the probe (a shared host, a throttled chip). Pretraining measures its
-    own pace against the plan's; it stops once the stages after it, expected that much slower too, and
-    a margin of STOP_MARGIN of the budget, no longer fit in the `seconds_left`. `steps_done` and
-    `seconds_so_far` should leave out the first steps, which warm caches and allocators up and say little
-    of the pace to come (stages/pretrain.py measures from its first check). Pretraining reads no
-    sensitive image and `seconds_left` is on the budget's clock, so where it stops leaks nothing; DP-SGD's
-    T and σ do not change.
+    The machine may slow down after the probe (a shared host, a throttled chip), or run faster than the
+    short probe said. Pretraining measures its own pace: it stops now once the stages after it, expected
+    as much slower as it runs (never faster than planned), and a margin of STOP_MARGIN of the budget no
+    longer fit in the `seconds_left`. Where it runs faster and `may_extend` (a constant learning rate, so
+    that more steps change no schedule), it trains on into the seconds its pace saved, still leaving the
+    stages after it their planned seconds with the replan's margin. The timed steps should leave out the
+    first ones, which warm caches up (stages/pretrain.py measures from its first check). Pretraining reads
+    no sensitive image and `seconds_left` is on the budget's clock, so where it stops leaks nothing; DP-SGD's
+    T and σ do not change. Never below the plan's floor.
     """
-    planned_step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
-    pace = max(1.0, seconds_so_far / (steps_done * planned_step))
-    after = sum(plan.expected_seconds.get(stage, 0.0) for stage in AFTER_PRETRAINING)
-    return seconds_left < pace * after + STOP_MARGIN * 60 * plan.minutes
+    pace = seconds_timed / steps_timed
+    slowdown = max(1.0, pace / (plan.expected_seconds["pretrain"] / plan.pretrain_steps))
+    after = slowdown * sum(plan.expected_seconds.get(stage, 0.0) for stage in AFTER_PRETRAINING)
+    margin = STOP_MARGIN * 60 * plan.minutes
+    target = plan.pretrain_steps
+    if seconds_left < after + margin:
+        target = steps_done
+    elif may_extend:
+        target = max(target, steps_done + math.floor((seconds_left - after / REPLAN_SAFETY - margin) / pace))
+    return max(target, plan.pretrain_floor)

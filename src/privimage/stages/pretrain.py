@@ -34,7 +34,7 @@ from privimage.diffusion.ema import EMA
 from privimage.diffusion.training import Checkpointer, lr_factor, progress, scalars
 from privimage.errors import UserError
 from privimage.merf import SIZE_WEIGHT, class_means
-from privimage.planning import pretraining_is_late
+from privimage.planning import pretraining_target
 from privimage.rundir import RunDir
 from privimage.runtime import seeded
 from privimage.semantics.public_fit import fit_ratios, fit_weights
@@ -47,19 +47,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LATE_CHECK_EVERY = 25  # steps: often enough to stop within seconds, seldom enough that the pace is measured
+BUDGET_CHECK_EVERY = 25  # steps: often enough to stop within seconds, seldom enough that the pace is measured
 LABEL_EMBEDDING = "unet.class_embed.weight"  # one row per class, the null class last
 
 
 def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.device, target: Path,
-             weights: torch.Tensor | None = None, is_late: Callable[[int, float], bool] | None = None) -> int:
+             weights: torch.Tensor | None = None, budget: Callable[[int, int, float], int] | None = None) -> int:
     """Non-private EDM training on public images, conditional on `data`'s labels; EMA weights to `target`.
     Returns the steps trained.
 
     Batches are drawn with replacement, uniformly or with probabilities proportional to `weights`
     (one per image). The learning rate follows `pretrain.lr_schedule` over `pretrain.steps`.
-    `is_late(steps, seconds)`, asked every LATE_CHECK_EVERY steps with the steps and seconds of this
-    call, stops the training early (a time budget: planning.pretraining_is_late).
+    `budget(steps_done, steps, seconds)`, asked every BUDGET_CHECK_EVERY steps with the steps done and the
+    steps and seconds of this call, returns the steps to reach: fewer than `pretrain.steps` stops the
+    training early, more trains on (a time budget: planning.pretraining_target).
 
     Under torchrun the net trains as DDP: each rank draws batch_size / world_size images per step.
     With `pretrain.bf16` the forward pass (and so the backward) runs under bf16 autocast, on a CPU too
@@ -81,31 +82,32 @@ def pretrain(cfg: DictConfig, run: RunDir, data: ImageDataset, device: torch.dev
     rank_seed = distributed.rank_seed(cfg.seed)
     generator = torch.Generator().manual_seed(rank_seed + start)
     net.train()
-    began, done = time.monotonic(), start
+    began, done, reach = time.monotonic(), start, p.steps
     # Diffusion noise: each rank and each resumed segment its own.
     with seeded(rank_seed + start, device), scalars(run.tensorboard / "pretrain") as writer, \
             progress("pretrain", start, p.steps) as bar:
-        for step in range(start, p.steps):
+        while done < reach:
             if weights is None:
                 index = torch.randint(len(labels), (per_rank,), generator=generator)
             else:
                 index = torch.multinomial(weights, per_rank, replacement=True, generator=generator)
-            optimizer.param_groups[0]["lr"] = p.lr * lr_factor(p.lr_schedule, p.warmup_steps, step, p.steps)
+            optimizer.param_groups[0]["lr"] = p.lr * lr_factor(p.lr_schedule, p.warmup_steps, done, p.steps)
             x = to_tensor(torch.from_numpy(data.images[index.numpy()]).to(device))  # uint8 over the bus
             loss = pretraining_step(trained, loss_fn, optimizer, x, labels[index].to(device), bf16=p.bf16)
             ema.update(net)
             if writer is not None:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-                writer.add_scalar("pretrain/loss", loss.item(), step + 1)
+                writer.add_scalar("pretrain/loss", loss.item(), done + 1)
             bar.update()
-            done = step + 1
-            late = is_late is not None and (done - start) % LATE_CHECK_EVERY == 0 and distributed.broadcast(
-                is_late(done - start, time.monotonic() - began) if distributed.is_main() else None)
-            if late or done % p.checkpoint_every == 0 or done == p.steps:
+            done += 1
+            if budget is not None and (done - start) % BUDGET_CHECK_EVERY == 0:
+                reach = distributed.broadcast(budget(done, done - start, time.monotonic() - began)
+                                              if distributed.is_main() else None)
+                bar.total = max(reach, done)
+            if done % p.checkpoint_every == 0 or done >= reach:
                 checkpoint.save(done)
-            if late:
-                logger.info("pretrain: stopped after %d of %d steps to keep the time budget", done, p.steps)
-                break
+    if done != p.steps:
+        logger.info("pretrain: %d steps of %d planned, to fit the time budget", done, p.steps)
     if distributed.is_main():
         save_checkpoint(target, ema.module.state_dict(), {"stage": "pretrain", "steps": done})
     distributed.barrier()
@@ -228,9 +230,11 @@ def run(pipeline: Pipeline) -> None:
             _copy(cached, trained)
         pipeline.note("pretrain", reused_cached_model=True)
     else:
-        steps = pretrain(cfg, run_dir, data, pipeline.device, trained, weights, is_late=_budget_check(pipeline))
+        steps = pretrain(cfg, run_dir, data, pipeline.device, trained, weights, budget=_budget_check(pipeline))
         if steps < cfg.pretrain.steps:
-            pipeline.note("pretrain", stopped_early_at=steps)  # a model short of its steps is never cached
+            pipeline.note("pretrain", stopped_early_at=steps)  # a model off its planned steps is never cached
+        elif steps > cfg.pretrain.steps:
+            pipeline.note("pretrain", trained_on_to=steps)
         elif shareable and distributed.is_main():
             try:
                 _copy(trained, cached)
@@ -244,24 +248,26 @@ def run(pipeline: Pipeline) -> None:
     distributed.barrier()
 
 
-def _budget_check(pipeline: Pipeline) -> Callable[[int, float], bool] | None:
-    """With `minutes`, whether pretraining is late for the budget (planning.pretraining_is_late).
+def _budget_check(pipeline: Pipeline) -> Callable[[int, int, float], int] | None:
+    """With `minutes`, the steps pretraining should reach to fit the budget (planning.pretraining_target).
 
     Its pace is measured from the first check on: the first steps warm caches and allocators up and
-    would read as a slow machine. It never stops before the plan's floor."""
+    would read as a slow machine. It trains on past its planned steps only under a constant learning
+    rate, whose schedule more steps do not change."""
     if pipeline.plan is None:
         return None
     plan, first = pipeline.plan, None
+    may_extend = pipeline.cfg.pretrain.lr_schedule == "constant"
 
-    def is_late(steps: int, seconds: float) -> bool:
+    def target(done: int, steps: int, seconds: float) -> int:
         nonlocal first
         if first is None:
             first = (steps, seconds)
-            return False
-        return steps >= plan.pretrain_floor and pretraining_is_late(
-            plan, pipeline.seconds_left(), steps - first[0], seconds - first[1])
+            return plan.pretrain_steps
+        return pretraining_target(plan, pipeline.seconds_left(), done, steps - first[0], seconds - first[1],
+                                  may_extend=may_extend)
 
-    return is_late
+    return target
 
 
 def _copy(source: Path, target: Path) -> None:

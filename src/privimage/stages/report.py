@@ -167,8 +167,10 @@ def _plan_section(run: RunDir) -> str:
     again = "" if replanned is None else (f" (pretraining planned again with {replanned / 60:.1f} min left, the rest"
                                           f" expected {plan.get('slowdown') or 1:.2f}x slower than probed)")
     pretrained = run.stages / "pretrain.json"
-    stopped = read_json(pretrained).get("stopped_early_at") if pretrained.exists() else None
-    late = "" if stopped is None else f" (stopped after {stopped}: the machine ran slower than planned)"
+    notes = read_json(pretrained) if pretrained.exists() else {}
+    stopped, trained_on = notes.get("stopped_early_at"), notes.get("trained_on_to")
+    late = ("" if stopped is None else f" (stopped after {stopped}: the machine ran slower than planned)") + (
+        "" if trained_on is None else f" (trained on to {trained_on}: the machine ran faster than planned)")
     trimmed = plan.get("evaluation") or {}
     trims = "" if not trimmed else (" Trimmed to fit the training floors: "
                                     + ", ".join(f"evaluate.{k}={v}" for k, v in trimmed.items()) + ".")
