@@ -37,7 +37,7 @@ def main() -> None:
         cfg = load_config(config_file=release / "config.yaml", overrides=["minutes=null"])
         noisy_sum = load_checkpoint(release / STAGE / EMBEDDING_FILE)[0]["noisy_sum"]
         features = trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device)
-        generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device).eval()
+        generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, cfg.warm_start.generator_steps).eval()
         drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
         accuracy = {width: cnn_accuracy(pipeline, despeckle(drawn, int(width)), real) for width in args.widths.split(",")}
         print(json.dumps({"release": str(release), "epsilon": cfg.privacy.epsilon, "accuracy": accuracy}), flush=True)

@@ -44,7 +44,7 @@ def test_the_warm_start_generator_is_planned_at_its_configured_steps():
     common = dict(semantics_seconds=60.0, uses_pretraining=True, num_samples=4000)
     without = planning.make_plan(cfg, THROUGHPUT, 900.0, **common)
     plan = planning.make_plan(cfg, {**THROUGHPUT, "generator_step": 0.2}, 900.0, **common)
-    assert plan.expected_seconds["warmstart"] == pytest.approx(0.2 * cfg.dpmerf.steps)
+    assert plan.expected_seconds["warmstart"] == pytest.approx(0.2 * cfg.warm_start.generator_steps)
     assert "warmstart" not in without.expected_seconds and plan.pretrain_steps < without.pretrain_steps
     assert sum(plan.expected_seconds.values()) <= 900.0
 

@@ -195,7 +195,8 @@ def validate(cfg: DictConfig) -> None:
     w = cfg.warm_start
     _check(_is_number(w.epsilon_share) and 0 <= w.epsilon_share < 1,
            f"warm_start.epsilon_share must be in [0, 1), 0 for no warm start (got {w.epsilon_share})")
-    _check(isinstance(w.samples, int) and w.samples >= 1, f"warm_start.samples must be a positive integer (got {w.samples})")
+    for key in ("samples", "generator_steps"):
+        _check(isinstance(w[key], int) and w[key] >= 1, f"warm_start.{key} must be a positive integer (got {w[key]})")
     _check(isinstance(w.median_filter, int) and w.median_filter >= 1 and w.median_filter % 2 == 1,
            f"warm_start.median_filter must be an odd positive integer, 1 for none (got {w.median_filter})")
     _check(_is_number(w.public_features) and 0 <= w.public_features <= 1,

@@ -230,7 +230,8 @@ def _fixed_seconds(cfg: DictConfig, throughput: dict[str, float], semantics_seco
     denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
     return {
         "semantics": semantics_seconds,
-        **({"warmstart": cfg.dpmerf.steps * throughput["generator_step"]} if "generator_step" in throughput else {}),
+        **({"warmstart": cfg.warm_start.generator_steps * throughput["generator_step"]}
+           if "generator_step" in throughput else {}),
         "sample": s.n * denoiser_calls * throughput["denoiser_image"],
         "evaluate": sum(evaluations_per_classifier(cfg) * e.classifier_epochs * s.n
                         * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)

@@ -104,30 +104,32 @@ def _draw(generator: Generator, labels: torch.Tensor, rng: torch.Generator) -> n
 
 
 def fit_generator(pipeline: Pipeline, *, stage: str, planned: Callable[[], Mechanism], name: str,
-                  features: FeatureMap) -> Generator:
-    """The release of `features` (once), then the generator fitted to it, saved as `<stage>/generator.safetensors`.
+                  features: FeatureMap, steps: int) -> Generator:
+    """The release of `features` (once), then the generator fitted to it in `steps` updates, saved as
+    `<stage>/generator.safetensors`.
     Under torchrun rank 0 alone releases and fits (a release per rank would spend the budget once per
     rank); every rank then reads the same generator."""
-    cfg, names, r = pipeline.cfg, pipeline.sensitive_train.class_names, pipeline.cfg.dpmerf
+    cfg, names = pipeline.cfg, pipeline.sensitive_train.class_names
     path = generator_path(pipeline.run, stage)
     if distributed.is_main():
         with pipeline.clock.reading_sensitive():  # the generator's fit is public work, on the budget's clock
             noisy_sum = noisy_embedding(cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, stage=stage,
                                         planned=planned, name=name, features=features, device=pipeline.device)
-        with tqdm(total=r.steps, desc=f"{stage} generator") as bar:
-            generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, progress=bar)
+        with tqdm(total=steps, desc=f"{stage} generator") as bar:
+            generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, steps=steps,
+                                         progress=bar)
         save_checkpoint(path, generator.state_dict(), {"stage": stage, "class_names": list(names)})
     distributed.barrier()
     return load_generator(cfg, path, len(names), pipeline.device)
 
 
 def fitted_generator(cfg: DictConfig, noisy_sum: torch.Tensor, features: FeatureMap, num_classes: int,
-                     device: torch.device, progress=None) -> Generator:
-    """The `dpmerf` section's generator, trained to match a released noisy sum of `features`
-    (post-processing of it)."""
+                     device: torch.device, steps: int, progress=None) -> Generator:
+    """The `dpmerf` section's generator, trained in `steps` updates to match a released noisy sum of
+    `features` (post-processing of it)."""
     r = cfg.dpmerf
     generator = _build(cfg, num_classes).to(device)
-    train_generator(generator, features, class_means(noisy_sum), steps=r.steps, per_class=r.per_class, lr=r.lr,
+    train_generator(generator, features, class_means(noisy_sum), steps=steps, per_class=r.per_class, lr=r.lr,
                     seed=cfg.seed, bf16=r.bf16, progress=progress)
     return generator
 
@@ -168,6 +170,7 @@ def release_key(pipeline: Pipeline) -> str:
 def run(pipeline: Pipeline) -> None:
     cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
     generator = fit_generator(pipeline, stage="dpmerf", name=release_key(pipeline), features=random_features(cfg),
+                              steps=cfg.dpmerf.steps,
                               planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
     if distributed.is_main():
         write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,

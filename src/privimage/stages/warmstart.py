@@ -103,4 +103,5 @@ def release_key(pipeline: Pipeline) -> str:
 def run(pipeline: Pipeline) -> None:
     cfg = pipeline.cfg
     fit_generator(pipeline, stage=STAGE, name=release_key(pipeline), planned=lambda: mechanism(cfg),
+                  steps=cfg.warm_start.generator_steps,
                   features=trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device))
