@@ -24,6 +24,7 @@ class FakeStage:
         self.ledger_path = tmp_path / "privacy.json"
         self.output = tmp_path / "result.json"
         self.computed: list[tuple[int, int]] = []  # (bookings, released steps) when compute ran
+        self.released_when_written: list[int] = []
         self.crash_before_record = False
 
     def ledger(self) -> PrivacyLedger:
@@ -42,8 +43,11 @@ class FakeStage:
         def read():
             return json.loads(self.output.read_text()) if self.output.exists() else None
 
-        return release_once(ledger, "stage", name, lambda: MECHANISM, compute=compute, read=read,
-                            write=lambda result: self.output.write_text(json.dumps(result)),
+        def write(result):
+            self.released_when_written.append(ledger.reread().released_steps("stage", name))
+            self.output.write_text(json.dumps(result))
+
+        return release_once(ledger, "stage", name, lambda: MECHANISM, compute=compute, read=read, write=write,
                             missing="released but missing: use a new --out", other_release=other_release)
 
     def entries(self) -> list[dict]:
@@ -54,6 +58,7 @@ def test_books_before_computing_and_records_before_writing(tmp_path):
     stage = FakeStage(tmp_path)
     assert stage.run() == {"value": 5.0, "release": "a"}
     assert stage.computed == [(1, 0)]  # booked, not yet released, while computing
+    assert stage.released_when_written == [1]  # counted as released before it is written
     assert [(e["stage"], e["release"], e["released_steps"]) for e in stage.entries()] == [("stage", "a", 1)]
 
 
