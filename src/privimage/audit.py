@@ -5,14 +5,14 @@ probability 1/2, drawn from OS entropy. Each canary has a class of its own, so o
 denoiser's label embedding is trained by that canary alone: the most telling mark an image can leave.
 DP-SGD then fine-tunes a fresh denoiser on a slice of the *public* data plus the canaries that joined,
 with `privimage finetune`'s own training (`stages.finetune.dp_finetune`), its own ledger and a sampling
-rate fixed in advance (it must not depend on how many canaries joined). The sensitive data is never read: an audit spends nothing. A canary's score is how much
-its diffusion loss changes when its label's embedding row is reset to its initial weights (both
-losses on the same fixed noise draws): only a member has taught its label anything. The one-run
-audit (privacy/audit_bound.py) turns the guesses into a lower bound on ε, which must stay below the ε the
-ledger claims. The audit can prove at most `epsilon_lower_bound_max` (every guess right); a claim above
-it is inconclusive, whatever the training does. With the DP noise
-switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
-exceed the claim by far: that is what shows the audit can see a leak.
+rate fixed in advance (it must not depend on how many canaries joined). The sensitive data is never
+read: an audit spends nothing. A canary's score is how much its diffusion loss changes when its
+label's embedding row is reset to its initial weights (both losses on the same fixed noise draws):
+only a member has taught its label anything. The one-run audit (privacy/audit_bound.py) turns the
+guesses into a lower bound on ε, which must stay below the ε the ledger claims. The audit can prove at
+most `epsilon_lower_bound_max` (every guess right); a claim above it is inconclusive, whatever the
+training does. With the DP noise switched off (`--without-dp-noise`, a debugging switch that voids the
+guarantee) the bound should exceed the claim by far: that is what shows the audit can see a leak.
 """
 
 from __future__ import annotations
