@@ -36,8 +36,7 @@ from privimage.methods import STAGE_TABLE
 from privimage.stages.sample import safe_folder_name
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
-from privimage.privacy.accountant import compose_epsilon
-from privimage.privacy.ledger import Booking
+from privimage.privacy.ledger import PrivacyLedger
 from privimage.atomic import atomic_path, read_json
 from privimage.rundir import RunDir
 
@@ -234,18 +233,15 @@ class PrivImage:
             >>> model.privacy_spent  # doctest: +SKIP
             {'epsilon': 9.95, 'delta': 1e-05, 'stages': {'semantics': 0.375, 'finetune': 9.94}, ...}
         """
-        target = {"epsilon": float(self.cfg.privacy.epsilon), "delta": float(self.cfg.privacy.delta)}
         ledger_file = self.pipeline.run.ledger
         if not ledger_file.exists():
+            target = {"epsilon": float(self.cfg.privacy.epsilon), "delta": float(self.cfg.privacy.delta)}
             return {"epsilon": 0.0, "delta": 0.0, "stages": {}, "target": target, "accountant": self.cfg.privacy.accountant}
-        ledger = read_json(ledger_file)
-        delta, accountant = ledger["target"]["delta"], ledger["accountant"]
-        entries = [Booking.from_dict(entry) for entry in ledger["entries"]]
-        stages = {stage: compose_epsilon([b.mechanism for b in entries if b.stage == stage], delta, accountant)
-                  for stage in dict.fromkeys(b.stage for b in entries)}
-        return {"epsilon": compose_epsilon([b.mechanism for b in entries], delta, accountant),
-                "delta": delta if entries else 0.0,
-                "stages": stages, "target": ledger["target"], "accountant": accountant}
+        ledger = PrivacyLedger.read(ledger_file)
+        return {"epsilon": ledger.spent_epsilon(), "delta": ledger.target_delta if ledger.entries else 0.0,
+                "stages": ledger.epsilon_by_stage(),
+                "target": {"epsilon": ledger.target_epsilon, "delta": ledger.target_delta},
+                "accountant": ledger.accountant}
 
     @property
     def class_names(self) -> tuple[str, ...]:

@@ -4,15 +4,15 @@ m canaries (random block patterns, nothing like the data) each join the training
 probability 1/2, drawn from OS entropy. Each canary has a class of its own, so one row of the
 denoiser's label embedding is trained by that canary alone: the most telling mark an image can leave.
 DP-SGD then fine-tunes a fresh denoiser on a slice of the *public* data plus the canaries that joined,
-exactly as `privimage finetune` does, with its own ledger and a sampling rate fixed in advance (it must
-not depend on how many canaries joined). The sensitive data is never read: an audit spends nothing. A canary's score is how much
-its diffusion loss changes when its label's embedding row is reset to its initial weights (both
-losses on the same fixed noise draws): only a member has taught its label anything. The one-run
-audit (privacy/audit_bound.py) turns the guesses into a lower bound on ε, which must stay below the ε the
-ledger claims. The audit can prove at most `epsilon_lower_bound_max` (every guess right); a claim above
-it is inconclusive, whatever the training does. With the DP noise
-switched off (`--without-dp-noise`, a debugging switch that voids the guarantee) the bound should
-exceed the claim by far: that is what shows the audit can see a leak.
+with `privimage finetune`'s own training (`stages.finetune.dp_finetune`), its own ledger and a sampling
+rate fixed in advance (it must not depend on how many canaries joined). The sensitive data is never
+read: an audit spends nothing. A canary's score is how much its diffusion loss changes when its
+label's embedding row is reset to its initial weights (both losses on the same fixed noise draws):
+only a member has taught its label anything. The one-run audit (privacy/audit_bound.py) turns the
+guesses into a lower bound on ε, which must stay below the ε the ledger claims. The audit can prove at
+most `epsilon_lower_bound_max` (every guess right); a claim above it is inconclusive, whatever the
+training does. With the DP noise switched off (`--without-dp-noise`, a debugging switch that voids the
+guarantee) the bound should exceed the claim by far: that is what shows the audit can see a leak.
 """
 
 from __future__ import annotations
@@ -28,19 +28,18 @@ from omegaconf import DictConfig, OmegaConf
 from privimage.config import to_yaml
 from privimage.data import ImageDataset, default_cache_dir, load_dataset, to_tensor
 from privimage.diffusion.edm import EDMPrecond, edm_loss
-from privimage.diffusion.training import CHECKPOINT_FILE
-from privimage.builders import build_denoiser
-from privimage.stages.finetune import finetune, plan_finetune
-from privimage.checkpoint import load_checkpoint, save_checkpoint
+from privimage.builders import build_denoiser, diffusion_loss
+from privimage.stages.finetune import dp_finetune
 from privimage.errors import UserError
+from privimage.privacy.accountant import Mechanism, NoiseBeyondLimit, calibrate_noise_multiplier
 from privimage.privacy.audit_bound import correct_guesses, epsilon_lower_bound
 from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.release import open_release
 from privimage.atomic import write_json, write_text
 from privimage.rundir import RunDir
-from privimage.runtime import resolve_device, seeded
+from privimage.runtime import dp_noise_source, resolve_device, seeded
 
 CANARY_BLOCK = 4  # pixels per side of a canary's random blocks
-INITIAL_WEIGHTS_FILE = "initial.safetensors"  # what fine-tuning starts from: the label rows are reset to it
 
 
 def make_canaries(count: int, resolution: int, channels: int, rng: np.random.Generator) -> np.ndarray:
@@ -64,11 +63,18 @@ def diffusion_losses(net: EDMPrecond, images: np.ndarray, labels: np.ndarray, *,
     return (total / draws).numpy()
 
 
-def audit_config(cfg: DictConfig) -> DictConfig:
-    """The run the audit trains: fine-tuning from scratch with the audit's steps, batch and learning rate."""
-    a = cfg.audit
-    return OmegaConf.merge(cfg, {"method": "dpdm", "finetune": {
-        "steps": a.steps, "epochs": None, "batch_size": a.batch_size, "lr": a.lr}})
+def audit_mechanism(cfg: DictConfig, planned_size: float) -> Mechanism:
+    """DP-SGD with the audit's batch and steps, σ calibrated to the whole target (the audit spends nothing else).
+
+    q = audit.batch_size / `planned_size`, the expected training set fixed before the coin flips: neither q
+    nor the expected batch may depend on how many canaries joined."""
+    a, p = cfg.audit, cfg.privacy
+    sample_rate = min(1.0, a.batch_size / planned_size)
+    try:
+        sigma = calibrate_noise_multiplier(p.epsilon, p.delta, sample_rate, a.steps, accountant=p.accountant)
+    except NoiseBeyondLimit as error:
+        raise UserError(f"{error}: raise privacy.epsilon or lower audit.steps") from None
+    return Mechanism(sigma, sample_rate, a.steps)
 
 
 def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
@@ -78,13 +84,12 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
     run = RunDir(out)
     if run.root.exists() and any(run.root.iterdir()):
         raise UserError(f"{run.root} is not empty: an audit needs a new --out")
-    cfg = audit_config(cfg)
     device = resolve_device(cfg.device)
     cache_dir = Path(d.cache_dir) if d.cache_dir else default_cache_dir()
     public = load_dataset(d.public, resolution=d.resolution, channels=d.channels, cache_dir=cache_dir,
                           glyph_samples=d.glyph_samples, seed=0, convert=True)
     planned_size = a.public_images + a.canaries / 2  # the expected training set, fixed before the coin flips
-    plan_finetune(cfg, planned_size, [])  # a budget too small refuses here, before anything is written
+    mechanism = audit_mechanism(cfg, planned_size)  # a budget too small refuses here, before anything is written
     rng = np.random.default_rng(secrets.randbits(256))  # who is in stays unknown to everyone until the scores are in
     canaries = make_canaries(a.canaries, d.resolution, d.channels, rng)
     canary_labels = public.num_classes + np.arange(a.canaries)  # a class of its own for each canary
@@ -99,14 +104,14 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
     write_text(run.config, to_yaml(cfg))
     ledger = PrivacyLedger.open(run.ledger, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant)
     with seeded(cfg.seed):
-        initial = build_denoiser(cfg, data.num_classes)
-    save_checkpoint(run.root / INITIAL_WEIGHTS_FILE, initial.state_dict(), {"stage": "audit"})
-    finetune(cfg, run, ledger, data, run.root / INITIAL_WEIGHTS_FILE, device, dp_noise=dp_noise,
-             planned_size=planned_size)
-
+        initial = build_denoiser(cfg, data.num_classes)  # fine-tuning from scratch
     trained = copy.deepcopy(initial)
-    tensors, _ = load_checkpoint(run.finetune_dir / CHECKPOINT_FILE)
-    trained.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    dp_finetune(trained, data, open_release(ledger, "finetune", "", lambda: mechanism),
+                OmegaConf.merge(cfg.finetune, {"lr": a.lr}), loss=diffusion_loss(cfg, data.num_classes),
+                expected_size=planned_size, folder=run.finetune_dir, staging=run.private,
+                tensorboard=run.tensorboard / "finetune", seed=cfg.seed, noise=dp_noise_source(cfg.privacy.secure_rng),
+                device=device, dp_noise=dp_noise)
+
     labels_reset = copy.deepcopy(trained)
     labels_reset.unet.class_embed.load_state_dict(initial.unet.class_embed.state_dict())  # the rows it started from
     options = dict(draws=a.score_draws, seed=cfg.seed, sigma_data=cfg.model.sigma_data, device=device)
@@ -125,7 +130,7 @@ def run_audit(cfg: DictConfig, out: Path, *, dp_noise: bool = True) -> dict:
         "delta": delta,
         "dp_noise": dp_noise,
         "canaries": a.canaries, "guesses": total, "correct_guesses": correct, "beta": a.beta,
-        "sample_rate": ledger.find("finetune").mechanism.sample_rate,
+        "sample_rate": mechanism.sample_rate,
         "method": "one-run audit, Steinke, Nasr & Jagielski 2023, (ε, δ) bound; score = |loss change when the "
                   "canary's label row is reset|; public images + canaries, no sensitive data",
     }

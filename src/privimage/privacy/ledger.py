@@ -23,9 +23,11 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from privimage.errors import UserError
 from privimage.privacy.accountant import Mechanism, compose_epsilon
@@ -112,6 +114,11 @@ class PrivacyLedger:
                             "the run directory is unusable; use a new --out")
         return ledger
 
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> PrivacyLedger:
+        """The ledger at `path` with the target it records (for readers: reports, the API)."""
+        return cls._load(Path(path))
+
     def reread(self) -> PrivacyLedger:
         """The ledger as it is on disk now (under torchrun, rank 0 books and the other ranks reread)."""
         return PrivacyLedger.open(self.path, self.target_epsilon, self.target_delta, self.accountant, create=False)
@@ -126,6 +133,29 @@ class PrivacyLedger:
 
     def mechanisms(self, excluding_stage: str | None = None) -> list[Mechanism]:
         return [b.mechanism for b in self.entries if b.stage != excluding_stage]
+
+    def epsilon_alone(self) -> list[float]:
+        """Each entry's ε on its own, at the ledger's δ, in booking order."""
+        return [compose_epsilon([b.mechanism], self.target_delta, self.accountant) for b in self.entries]
+
+    def epsilon_by_stage(self) -> dict[str, float]:
+        """Each stage's ε on its own (its entries composed), in the order the stages first booked."""
+        return {stage: compose_epsilon([b.mechanism for b in self.entries if b.stage == stage], self.target_delta,
+                                       self.accountant)
+                for stage in dict.fromkeys(b.stage for b in self.entries)}
+
+    def spending_curve(self, points: int) -> list[tuple[Booking, list[int], list[float]]]:
+        """How ε grew: for each entry, up to `points` + 1 step counts from 0 to all its steps, and the
+        composed ε of the entries booked before it plus that many of its steps."""
+        curve, before = [], []
+        for booking in self.entries:
+            mechanism = booking.mechanism
+            steps = np.unique(np.linspace(0, mechanism.steps, min(points, mechanism.steps) + 1).astype(int)).tolist()
+            epsilon = [compose_epsilon(before + ([replace(mechanism, steps=s)] if s else []), self.target_delta,
+                                       self.accountant) for s in steps]
+            curve.append((booking, steps, epsilon))
+            before.append(mechanism)
+        return curve
 
     def within_target(self, spent: float) -> bool:
         """Whether a composed ε is finite and at most the target (float noise aside)."""

@@ -5,17 +5,15 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from privimage.privacy.accountant import Mechanism, compose_epsilon
+from privimage.privacy.ledger import PrivacyLedger
 from privimage.atomic import read_json
 from privimage.rundir import RunDir
 
 
 def privacy_by_stage(run: RunDir) -> tuple[list[tuple[str, float]], dict]:
-    """(stage, ε of that stage alone) per ledger entry, and the ledger's composed `spent`."""
-    ledger = read_json(run.ledger)
-    delta, accountant = ledger["target"]["delta"], ledger["accountant"]
-    rows = [(e["stage"], compose_epsilon([Mechanism.from_dict(e)], delta, accountant)) for e in ledger["entries"]]
-    return rows, ledger
+    """(stage, ε of that entry alone) per ledger entry, and the ledger file as written (its `spent` composed)."""
+    ledger = PrivacyLedger.read(run.ledger)
+    return [(b.stage, epsilon) for b, epsilon in zip(ledger.entries, ledger.epsilon_alone())], read_json(run.ledger)
 
 
 def print_summary(run: RunDir, results: list, console: Console) -> None:

@@ -25,7 +25,8 @@ from privimage.errors import UserError
 from privimage.merf import (FeatureMap, Generator, RandomFeatures, class_means, embedding_sum, fixed_features, release,
                             train_generator)
 from privimage.privacy.accountant import FixedReleasesExceedTarget, Mechanism, calibrate_noise_multiplier
-from privimage.privacy.ledger import Booking, PrivacyLedger
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.release import release_once
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
 from privimage.stages.sample import balanced_labels, write_synthetic
@@ -62,32 +63,32 @@ def release_name(cfg: DictConfig, *depends_on: object) -> str:
 def noisy_embedding(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, *, stage: str,
                     planned: Callable[[], Mechanism], name: str, features: FeatureMap,
                     device: torch.device) -> torch.Tensor:
-    """The released C × (D + 1) noisy sum of `features`: computed, booked (as `stage`, `planned()`) and
-    released once per run directory."""
+    """The released C × (D + 1) noisy sum of `features`: booked (as `stage`, `planned()`), computed and
+    released once per run directory (`release_once`)."""
     path = run.root / stage / EMBEDDING_FILE
-    booked = ledger.find(stage)
-    if booked is not None and booked.release != name:
-        raise UserError(f"{run.root} has released its DP-MERF embedding with other settings (dpmerf.features, "
-                        "dpmerf.length_scale, warm_start, semantics.classifier or seed changed since): restore them, "
-                        "or use a new --out")
-    if booked is not None and ledger.released_steps(stage, name):
+
+    def embed(mechanism: Mechanism) -> torch.Tensor:
+        batches = ((to_tensor(sensitive.images[i:i + BATCH]).to(device),
+                    torch.as_tensor(sensitive.labels[i:i + BATCH])) for i in range(0, len(sensitive), BATCH))
+        return release(embedding_sum(features, batches, sensitive.num_classes), mechanism.noise_multiplier,
+                       dp_noise_source(cfg.privacy.secure_rng))
+
+    def read() -> torch.Tensor | None:
         if not path.exists():
-            raise UserError(f"the ledger records the DP-MERF embedding as released but {path} is missing: "
-                            "releasing it again would spend the budget twice; use a new --out")
+            return None
         tensors, meta = load_checkpoint(path)
         if meta.get("release") != name:
             raise UserError(f"{path} is from another release: use a new --out")
         return tensors["noisy_sum"]
-    if booked is None:
-        booked = Booking(stage, planned(), name)
-        ledger.book(booked)  # before the noisy sum exists
-    batches = ((to_tensor(sensitive.images[i:i + BATCH]).to(device), torch.as_tensor(sensitive.labels[i:i + BATCH]))
-               for i in range(0, len(sensitive), BATCH))
-    noisy = release(embedding_sum(features, batches, sensitive.num_classes), booked.mechanism.noise_multiplier,
-                    dp_noise_source(cfg.privacy.secure_rng))
-    ledger.record_release(stage, name, 1)
-    save_checkpoint(path, {"noisy_sum": noisy}, {"release": name})
-    return noisy
+
+    return release_once(
+        ledger, stage, name, planned, compute=embed, read=read,
+        write=lambda noisy: save_checkpoint(path, {"noisy_sum": noisy}, {"release": name}),
+        missing=f"the ledger records the DP-MERF embedding as released but {path} is missing: "
+                "releasing it again would spend the budget twice; use a new --out",
+        other_release=f"{run.root} has released its DP-MERF embedding with other settings (dpmerf.features, "
+                      "dpmerf.length_scale, warm_start, semantics.classifier or seed changed since): restore them, "
+                      "or use a new --out")
 
 
 def _build(cfg: DictConfig, num_classes: int) -> Generator:

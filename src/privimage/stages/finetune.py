@@ -2,13 +2,13 @@
 
 It books its whole spend before the first noisy step, calibrating σ so that the composition with
 the earlier releases meets the target, and commits every checkpoint in the ledger (released steps)
-before anything that depends on those steps leaves the process. The finished stage writes
-`finetune/model.safetensors` (the EMA weights), which the sample stage reads.
+before anything that depends on those steps leaves the process (privacy/release.py). The finished stage
+writes `finetune/model.safetensors` (the EMA weights), which the sample stage reads. `dp_finetune` is the
+training alone, on plain arguments: `privimage audit` calls it on its own model, data and settings.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -25,9 +25,11 @@ from privimage.diffusion.adapters import merged_state_dict, set_trainable
 from privimage.diffusion.training import Checkpointer, ScalarLog, lr_factor, progress, scalars
 from privimage.errors import UserError
 from privimage.privacy.accountant import (FixedReleasesExceedTarget, Mechanism, NoiseBeyondLimit,
-                                          calibrate_noise_multiplier, compose_epsilon)
-from privimage.privacy.dpsgd import DPSGD, poisson_batches
-from privimage.privacy.ledger import Booking, PrivacyLedger
+                                          calibrate_noise_multiplier)
+from privimage.privacy.dpsgd import DPSGD, LossFn, poisson_batches
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.noise import NoiseSource
+from privimage.privacy.release import Release, open_release
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
 from privimage.stages.sample import generate
@@ -58,73 +60,74 @@ def release_key(pipeline: Pipeline) -> str:
     return pipeline.stage_fingerprint("finetune")
 
 
-def finetune(
-    cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, pretrained: Path | None,
-    device: torch.device, *, release: str = "", dp_noise: bool = True, planned_size: float | None = None,
-) -> None:
-    """DP-SGD on the sensitive training split, starting from the pretrained EMA weights.
+def finetune(cfg: DictConfig, run: RunDir, ledger: PrivacyLedger, sensitive: ImageDataset, pretrained: Path | None,
+             device: torch.device, *, release: str = "") -> None:
+    """The stage: book DP-SGD's whole planned spend (`release` lets a killed run find its booking), then
+    train the pretrained denoiser (`dp_finetune`) and save its EMA weights as `finetune/model.safetensors`."""
+    ledger = ledger.reread()  # under torchrun only rank 0 booked the earlier stages
+    earlier = ledger.mechanisms(excluding_stage="finetune")
+    booked = open_release(  # deterministic, so the same on every rank; rank 0 books it before the first noisy step
+        ledger, "finetune", release, lambda: plan_finetune(cfg, len(sensitive), earlier), book=distributed.is_main(),
+        other_release=f"{run.root} has spent its fine-tuning budget with other settings (finetune, pretraining or "
+                      "semantics changed since): restore them, or use a new --out for the new settings")
+    distributed.barrier()
+    with seeded(cfg.seed):
+        net = build_denoiser(cfg, sensitive.num_classes)
+    if pretrained is not None:
+        tensors, _ = load_checkpoint(pretrained)
+        net.load_state_dict(tensors)
+    ema = dp_finetune(net, sensitive, booked, cfg.finetune, loss=diffusion_loss(cfg, sensitive.num_classes),
+                      expected_size=len(sensitive), folder=run.finetune_dir, staging=run.private,
+                      tensorboard=run.tensorboard / "finetune", seed=cfg.seed,
+                      noise=dp_noise_source(cfg.privacy.secure_rng), device=device)
+    if distributed.is_main():
+        save_checkpoint(run.finetune_dir / MODEL_FILE, merged_state_dict(ema.module),
+                        {"stage": "finetune", "steps": booked.mechanism.steps,
+                         "class_names": list(sensitive.class_names)})
+    distributed.barrier()
+
+
+def dp_finetune(net: torch.nn.Module, data: ImageDataset, release: Release, settings: DictConfig, *, loss: LossFn,
+                expected_size: float, folder: Path, staging: Path, tensorboard: Path, seed: int, noise: NoiseSource,
+                device: torch.device, dp_noise: bool = True) -> EMA:
+    """DP-SGD on `data` from `net`'s weights (trained in place) with the booked `release`'s σ, q and
+    steps and the `finetune` section's `settings`; returns the EMA of the weights.
 
     Nothing that depends on a step leaves the process before the state after that step is durable
-    and the ledger records the step as released: the noisy losses for TensorBoard and the progress
+    and the ledger records the step as released: checkpoints are staged in `staging` (private) and
+    moved into `folder` only after the ledger commit; the noisy losses for TensorBoard and the progress
     bar wait in memory until the next checkpoint commits them. A kill loses at most those pending
     values, never releases a step the ledger does not count, and the rerun continues from the
     committed state, so every step is released once.
 
     Under torchrun each rank Poisson-samples its own shard of the data (together: one Poisson sample
     of the whole set), the clipped sums are all-reduced and rank 0 adds the noise, once.
-    `planned_size` replaces N in q = batch_size / N and in the expected batch q·N (the audit: neither
-    may depend on how many canaries joined).
+    `expected_size` is N in the expected batch q·N (the audit's is fixed before its canaries join).
     `dp_noise=False` is for `privimage audit --without-dp-noise` only: it voids the guarantee the ledger
     states, to show that the audit can tell.
     """
-    f = cfg.finetune
-    folder = run.finetune_dir
-    ledger = ledger.reread()  # under torchrun only rank 0 booked the earlier stages
-    booking = ledger.find("finetune")
-    earlier = ledger.mechanisms(excluding_stage="finetune")
-    if booking is None:
-        # Deterministic, so the same on every rank; `release` lets a killed run find its booking.
-        booking = Booking("finetune", plan_finetune(cfg, planned_size or len(sensitive), earlier), release)
-        if distributed.is_main():
-            ledger.book(booking)  # the whole planned spend, before the first noisy step
-        distributed.barrier()
-    elif booking.release != release:
-        raise UserError(
-            f"{run.root} has spent its fine-tuning budget with other settings (finetune, pretraining or "
-            "semantics changed since): restore them, or use a new --out for the new settings"
-        )
-    released = ledger.reread().released_steps("finetune", release)
-    mechanism = booking.mechanism
-
-    with seeded(cfg.seed):
-        net = build_denoiser(cfg, sensitive.num_classes)
-    if pretrained is not None:
-        tensors, _ = load_checkpoint(pretrained)
-        net.load_state_dict(tensors)
+    f, mechanism = settings, release.mechanism
     set_trainable(net, f.trainable, f.lora_rank)
     net.to(device).train()
     optimizer = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=f.lr)
     ema = EMA(net, decay=f.ema)
-    checkpoint = Checkpointer(folder, net, ema, optimizer, staging=run.private,
-                              commit=lambda step: ledger.record_release("finetune", release, step))
-    start = checkpoint.restore(committed=released)
+    checkpoint = Checkpointer(folder, net, ema, optimizer, staging=staging, commit=release.record)
+    start = checkpoint.restore(committed=release.released_steps())
 
-    noise = dp_noise_source(cfg.privacy.secure_rng)
     engine = DPSGD(
-        net, diffusion_loss(cfg, sensitive.num_classes), clip_norm=f.clip_norm,
-        noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0,
-        expected_batch_size=mechanism.sample_rate * (planned_size or len(sensitive)),
-        noise_multiplicity=f.noise_multiplicity, max_physical_batch=f.max_physical_batch, noise=noise, bf16=f.bf16,
+        net, loss, clip_norm=f.clip_norm, noise_multiplier=mechanism.noise_multiplier if dp_noise else 0.0,
+        expected_batch_size=mechanism.sample_rate * expected_size, noise_multiplicity=f.noise_multiplicity,
+        max_physical_batch=f.max_physical_batch, noise=noise, bf16=f.bf16,
     )
-    shard = distributed.shard(torch.arange(len(sensitive)))
-    images = torch.as_tensor(sensitive.images[shard.numpy()], device=device)
-    labels = torch.as_tensor(sensitive.labels[shard.numpy()], device=device)
+    shard = distributed.shard(torch.arange(len(data)))
+    images = torch.as_tensor(data.images[shard.numpy()], device=device)
+    labels = torch.as_tensor(data.labels[shard.numpy()], device=device)
     batches = poisson_batches(len(images), mechanism.sample_rate, mechanism.steps - start, noise)
     pending: list[tuple[int, float]] = []  # (step, noisy loss) computed but not yet committed
     # No clock in what fine-tuning writes: step times follow the Poisson batch sizes.
     bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"
     # Diffusion noise (not DP noise): each rank and each resumed segment its own.
-    with seeded(distributed.rank_seed(cfg.seed) + start, device), scalars(run.tensorboard / "finetune") as writer, \
+    with seeded(distributed.rank_seed(seed) + start, device), scalars(tensorboard) as writer, \
             progress("finetune (DP-SGD)", start, mechanism.steps, bar_format=bar_format) as bar:
         for step, index in enumerate(batches, start=start):
             index = index.to(device)
@@ -134,21 +137,17 @@ def finetune(
             bar.update()
             if (step + 1) % f.checkpoint_every == 0 or step + 1 == mechanism.steps:
                 checkpoint.save(step + 1)  # commits the steps in the ledger: now they may leave
-                _release_pending(pending, writer, bar, earlier, mechanism, cfg.privacy)
+                _release_pending(pending, writer, bar, release)
                 pending = []
-    if distributed.is_main():
-        save_checkpoint(folder / MODEL_FILE, merged_state_dict(ema.module),
-                        {"stage": "finetune", "steps": mechanism.steps, "class_names": list(sensitive.class_names)})
-    distributed.barrier()
+    return ema
 
 
-def _release_pending(pending: list[tuple[int, float]], writer: ScalarLog | None, bar: tqdm,
-                     earlier: list[Mechanism], mechanism: Mechanism, privacy: DictConfig) -> None:
+def _release_pending(pending: list[tuple[int, float]], writer: ScalarLog | None, bar: tqdm, release: Release) -> None:
     """Show and log committed steps: noisy losses (DP-SGD releases them) and the ε spent so far."""
     if not pending:
         return
     last = pending[-1][0]
-    spent = compose_epsilon(earlier + [dataclasses.replace(mechanism, steps=last)], privacy.delta, privacy.accountant)
+    spent = release.epsilon_after(last)
     if writer is not None:
         for step, noisy_loss in pending:
             writer.add_scalar("finetune/dp_loss", noisy_loss, step)

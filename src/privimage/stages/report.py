@@ -8,7 +8,6 @@ metrics. It is written for the data owner alone (0600): the real examples come f
 from __future__ import annotations
 
 import base64
-import dataclasses
 import html
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,10 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from privimage import distributed
 from privimage.config import to_yaml
 from privimage.data import ImageDataset
-from privimage.privacy.accountant import compose_epsilon
-from privimage.privacy.ledger import Booking
+from privimage.privacy.ledger import PrivacyLedger
 from privimage.report.figures import figure_png, image_grid, png_bytes
-from privimage.report.summary import privacy_by_stage
 from privimage.atomic import read_json, write_text
 from privimage.rundir import RunDir
 from privimage.stages.evaluate import read_reference
@@ -64,21 +61,13 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _spending_curve(ledger: dict) -> bytes:
-    """Composed ε after each fraction of DP-SGD, the earlier mechanisms included."""
-    delta, accountant = ledger["target"]["delta"], ledger["accountant"]
-    entries = [Booking.from_dict(e) for e in ledger["entries"]]
+def _spending_curve(ledger: PrivacyLedger) -> bytes:
+    """Composed ε after each fraction of each mechanism's steps, the earlier mechanisms included."""
     fig = Figure(figsize=(6, 3))
     ax = fig.subplots()
-    spent_before = []
-    for entry in entries:
-        mechanism = entry.mechanism
-        steps = np.unique(np.linspace(0, mechanism.steps, min(CURVE_POINTS, mechanism.steps) + 1).astype(int))
-        eps = [compose_epsilon(spent_before + [dataclasses.replace(mechanism, steps=int(s))], delta, accountant)
-               if s > 0 else (compose_epsilon(spent_before, delta, accountant) if spent_before else 0.0) for s in steps]
-        ax.plot(steps, eps, marker=".", label=f"{entry.stage} ({mechanism.kind})")
-        spent_before.append(mechanism)
-    ax.axhline(ledger["target"]["epsilon"], color="red", linestyle="--", label="target ε")
+    for booking, steps, epsilon in ledger.spending_curve(CURVE_POINTS):
+        ax.plot(steps, epsilon, marker=".", label=f"{booking.stage} ({booking.mechanism.kind})")
+    ax.axhline(ledger.target_epsilon, color="red", linestyle="--", label="target ε")
     ax.set_xlabel("steps of the mechanism")
     ax.set_ylabel("composed ε")
     ax.legend(fontsize=8)
@@ -193,16 +182,15 @@ def _reference_section(run: RunDir) -> str:
 
 
 def write_report(cfg: DictConfig, run: RunDir, public: ImageDataset | None, test: ImageDataset) -> Path:
-    ledger = read_json(run.ledger)
-    stages, _ = privacy_by_stage(run)
-    ledger_rows = [[e["stage"], e["mechanism"], f"{e['noise_multiplier']:.4g}", f"{e['sample_rate']:.4g}", e["steps"],
-                    f"{eps:.3f}"] for e, (_, eps) in zip(ledger["entries"], stages)]
+    ledger = PrivacyLedger.read(run.ledger)
+    ledger_rows = [[b.stage, m.kind, f"{m.noise_multiplier:.4g}", f"{m.sample_rate:.4g}", m.steps, f"{epsilon:.3f}"]
+                   for b, m, epsilon in zip(ledger.entries, ledger.mechanisms(), ledger.epsilon_alone())]
     curves = _loss_curves(run)
     sections = [
         f"<h1>privimage run</h1><p class=note>{html.escape(str(run.root))} · method {html.escape(cfg.method)}</p>",
         "<h2>Privacy</h2>",
-        f"<p><b>Spent ε = {ledger['spent']['epsilon']:.3f}</b> of the target ε = {ledger['target']['epsilon']:g} at "
-        f"δ = {ledger['target']['delta']:g} ({html.escape(ledger['accountant'])} accountant, all stages composed).</p>",
+        f"<p><b>Spent ε = {ledger.spent_epsilon():.3f}</b> of the target ε = {ledger.target_epsilon:g} at "
+        f"δ = {ledger.target_delta:g} ({html.escape(ledger.accountant)} accountant, all stages composed).</p>",
         _table(["stage", "mechanism", "noise multiplier", "sample rate", "steps", "ε alone"], ledger_rows),
         _img(_spending_curve(ledger), "privacy spending curve"),
         "<h2>Time plan</h2>", _plan_section(run),

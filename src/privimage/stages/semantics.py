@@ -21,10 +21,10 @@ from privimage.builders import build_classifier
 from privimage.checkpoint import load_checkpoint, save_checkpoint
 from privimage.config import fingerprint
 from privimage.data import ImageDataset
-from privimage.errors import UserError
 from privimage.classifiers import predict_logits, train_classifier
 from privimage.privacy.accountant import Mechanism
-from privimage.privacy.ledger import Booking, PrivacyLedger
+from privimage.privacy.ledger import PrivacyLedger
+from privimage.privacy.release import release_once
 from privimage.atomic import read_json, write_json
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
@@ -133,53 +133,57 @@ def run_semantics(
     if not distributed.is_main():
         return None  # the query itself is cheap: rank 0 alone runs and books it
 
-    booked = ledger.find("semantics", release) is not None
-    if booked and ledger.released_steps("semantics", release):
-        released = read_json(run.semantics) if run.semantics.exists() else {}
-        if released.get("release") != release:
-            raise UserError(f"the ledger records this semantic query as released but {run.semantics} is missing "
-                            "or from another query: it cannot be made again, since querying again would release the "
-                            "votes twice; use a new --out")
-        return released  # the same result, never a second one
-    votes = predict_logits(model, sensitive_train.images, device=str(device), reduce=lambda l: top_k_classes(l, s.k))
-    hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
-    if not booked:
-        ledger.book(Booking("semantics", query_mechanism(cfg), release))  # booked before the noisy result exists, let alone is used
-    noisy = noisy_histogram(hist, s.query_sigma, s.k, dp_noise_source(cfg.privacy.secure_rng))
-    del hist
-    picks = select_semantics(noisy, per_class)
+    def query(mechanism: Mechanism) -> dict:
+        votes = predict_logits(model, sensitive_train.images, device=str(device),
+                               reduce=lambda l: top_k_classes(l, s.k))
+        hist = vote_histogram(votes, sensitive_train.labels, sensitive_train.num_classes, public.num_classes)
+        noisy = noisy_histogram(hist, mechanism.noise_multiplier, s.k, dp_noise_source(cfg.privacy.secure_rng))
+        del hist
+        picks = select_semantics(noisy, per_class)
+        selected = {
+            sensitive_train.class_names[i]: [public.class_names[p] for p in row] for i, row in enumerate(picks)
+        }
+        chosen = np.isin(public.labels, [p for row in picks for p in row])
+        return {
+            "selected": selected,
+            "noisy_votes": {  # rounded: the selection needs no more, and fewer digits give less to attack
+                "public_classes": list(public.class_names),
+                "rows": {name: [int(round(float(v))) for v in row]
+                         for name, row in zip(sensitive_train.class_names, noisy)},
+            },
+            "public_fraction": float(chosen.mean()),
+            "public_images": int(chosen.sum()),
+            "k": s.k,
+            "per_class": per_class,
+            "query_sigma": s.query_sigma,
+            "release": release,
+            "diagnostics": {  # of public data and the noisy picks only
+                "classifier_public_holdout_accuracy": holdout_accuracy,
+                **_selection_diagnostics(selected),
+            },
+        }
 
-    selected = {
-        sensitive_train.class_names[i]: [public.class_names[p] for p in row] for i, row in enumerate(picks)
-    }
-    chosen = np.isin(public.labels, [p for row in picks for p in row])
-    result = {
-        "selected": selected,
-        "noisy_votes": {  # rounded: the selection needs no more, and fewer digits give less to attack
-            "public_classes": list(public.class_names),
-            "rows": {name: [int(round(float(v))) for v in row] for name, row in zip(sensitive_train.class_names, noisy)},
-        },
-        "public_fraction": float(chosen.mean()),
-        "public_images": int(chosen.sum()),
-        "k": s.k,
-        "per_class": per_class,
-        "query_sigma": s.query_sigma,
-        "release": release,
-        "diagnostics": {  # of public data and the noisy picks only
-            "classifier_public_holdout_accuracy": holdout_accuracy,
-            **_selection_diagnostics(selected),
-        },
-    }
-    ledger.record_release("semantics", release, 1)
-    write_json(run.semantics, result)
-    # For the data owner: how often the classifier's top-1 public class names a real test image's class.
-    test_top1 = predict_logits(model, sensitive_test.images, device=str(device), reduce=lambda l: l.argmax(1)).numpy()
-    agreement = np.mean([
-        _same_semantic(public.class_names[p], sensitive_test.class_names[y])
-        for p, y in zip(test_top1, sensitive_test.labels)
-    ])
-    write_json(run.private / PRIVATE_SEMANTICS_FILE, {"test_split_top1_same_semantic": float(agreement)}, private=True)
-    return result
+    def write(result: dict) -> None:
+        write_json(run.semantics, result)
+        # For the data owner: how often the classifier's top-1 public class names a real test image's class.
+        test_top1 = predict_logits(model, sensitive_test.images, device=str(device),
+                                   reduce=lambda l: l.argmax(1)).numpy()
+        agreement = np.mean([
+            _same_semantic(public.class_names[p], sensitive_test.class_names[y])
+            for p, y in zip(test_top1, sensitive_test.labels)
+        ])
+        write_json(run.private / PRIVATE_SEMANTICS_FILE, {"test_split_top1_same_semantic": float(agreement)},
+                   private=True)
+
+    def read() -> dict | None:
+        released = read_json(run.semantics) if run.semantics.exists() else {}
+        return released if released.get("release") == release else None
+
+    return release_once(
+        ledger, "semantics", release, lambda: query_mechanism(cfg), compute=query, write=write, read=read,
+        missing=f"the ledger records this semantic query as released but {run.semantics} is missing or from "
+                "another query: it cannot be made again, since querying again would release the votes twice; "
+                "use a new --out")
 
 
 def pretraining_set(public: ImageDataset, selected: dict[str, list[str]], class_names: tuple[str, ...]) -> ImageDataset:
