@@ -33,11 +33,11 @@ def labelled_arrays(images: Any, labels: Any, class_names: Sequence[str] | None,
     Images of one size keep it (the pipeline resizes them when it loads them); images of mixed
     sizes or modes are brought to `resolution` and `channels` here, as a folder's images are.
     """
-    if is_hugging_face(images):
-        return _hugging_face(images, labels, class_names, resolution, channels)
-    if isinstance(images, Mapping):
+    if isinstance(images, Mapping):  # a datasets.DatasetDict
         raise UserError(f"images are a mapping of {', '.join(map(str, images))}: give one split, "
                         "e.g. fit(data['train'], test=data['test'])")
+    if is_hugging_face(images):
+        return _hugging_face(images, labels, class_names, resolution, channels)
     if isinstance(images, torch.utils.data.Dataset):
         pixels, labels = _torch_dataset(images, labels, resolution, channels)
         class_names = class_names or getattr(images, "classes", None)
@@ -57,8 +57,8 @@ def uint8_images(images: np.ndarray, what: str) -> np.ndarray:
 
 
 def uint8_image(image: Any, what: str, dtype: np.dtype | None = None) -> np.ndarray:
-    """One image (PIL, or H×W[×C] uint8 or floats in [0, 1]) as uint8 H×W×C; PIL images get `channels`
-    later, with the rest. `dtype`: the values' type where the container does not keep it (lists)."""
+    """One H×W[×C] image, uint8 or floats in [0, 1], as uint8 H×W×C. `dtype`: the values' type where
+    their container does not keep it (nested lists)."""
     image = np.asarray(image, dtype)
     if image.ndim == 2:
         image = image[..., None]
@@ -83,9 +83,10 @@ def _uint8_values(pixels: np.ndarray, what: str) -> np.ndarray:
 
 
 def pil_or_array(image: Any, channels: int, what: str, dtype: np.dtype | None = None) -> np.ndarray:
-    """A PIL image in any mode (converted to `channels`) or an H×W[×C] array, as uint8 H×W×C."""
+    """A PIL image in any mode (converted to `channels`) or an H×W[×C] array (of `dtype`, if given),
+    as uint8 H×W×C."""
     if isinstance(image, Image.Image):
-        image = convert_image(image, channels)
+        return uint8_image(convert_image(image, channels), what)
     return uint8_image(image, what, dtype)
 
 
@@ -230,9 +231,10 @@ def hf_dtype(dataset: Any, column: str) -> np.dtype | None:
 
     The dataset hands such a column out as nested lists, whose own type (int64) would be refused.
     """
+    declared = getattr(dataset.features[column], "dtype", None)
     try:
-        return np.dtype(dataset.features[column].dtype)
-    except (AttributeError, TypeError):  # datasets.Image declares "PIL.Image.Image"
+        return np.dtype(declared) if isinstance(declared, str) else None
+    except TypeError:  # datasets.Image declares "PIL.Image.Image"
         return None
 
 
