@@ -23,7 +23,6 @@ Labelled = tuple[np.ndarray, np.ndarray, Union[tuple[str, ...], None]]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")  # looked for when no column is a datasets.Image
 LABEL_COLUMN_NAMES = ("label", "labels")  # looked for when no column is a datasets.ClassLabel
-VALUES_HELP = "give uint8 values 0..255 or floats in [0, 1]"
 
 
 def labelled_arrays(images: Any, labels: Any, class_names: Sequence[str] | None, resolution: int,
@@ -76,7 +75,7 @@ def _uint8_values(pixels: np.ndarray, what: str) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     if not np.issubdtype(pixels.dtype, np.floating):
-        raise UserError(f"{what} are {pixels.dtype}: {VALUES_HELP}")
+        raise UserError(f"{what} are {pixels.dtype}: give uint8 values 0..255 or floats in [0, 1]")
     if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
         raise UserError(f"{what} are floats outside [0, 1]: scale them to [0, 1], or give uint8 values 0..255")
     return np.rint(pixels * 255).astype(np.uint8)

@@ -9,7 +9,8 @@
   Classes are numbered by their 1-based labels unless the folder holds `map_clsloc.txt`
   ("n01440764 1 tench" per line) or `class_names.txt` (one name per line, label 1 first).
 - A Hugging Face dataset written by `save_to_disk`, or a `.parquet` file, through the optional
-  `datasets` library (`pip install 'privimage[hf]'`).
+  `datasets` library (`pip install 'privimage[hf]'`). Its image and label columns are found and
+  checked as `fit` finds and checks them in memory (data/convert.py).
 - Otherwise a folder of images or an `.npz` (data/user.py).
 
 Both batch formats store each image as 3·r·r uint8, channel-major. The pickles are read by an
