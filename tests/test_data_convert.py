@@ -192,9 +192,10 @@ def hf_dataset(datasets, case, folder: Path):
                                          cache_dir=str(folder / "builder"))
 
 
-def fit_and_load(fit_data, load, case, tmp_path, resolution, channels):
+def fit_and_load(fit_data, load, case, tmp_path, resolution, channels, folder):
     """Both paths on one dataset: fit's conversion (then its private copy loaded as the pipeline loads it)
-    and the loader. Either both give the same images, labels and classes, or both refuse alike."""
+    and the loader of the dataset saved in `folder`. Either both give the same images, labels and
+    classes, or both refuse alike."""
     _, refusal = CASES[case]
     try:
         fitted = _labelled(fit_data, None, None, resolution, channels)
@@ -215,7 +216,7 @@ def fit_and_load(fit_data, load, case, tmp_path, resolution, channels):
         np.testing.assert_array_equal(from_fit.images, loaded.images)
         np.testing.assert_array_equal(from_fit.labels, loaded.labels)
         if len(CASES[case][0]) == 1:  # one unlabelled class: named after the saved folder, or "images"
-            assert from_fit.class_names == ("images",) and len(loaded.class_names) == 1
+            assert from_fit.class_names == ("images",) and loaded.class_names == (folder,)
         else:
             assert from_fit.class_names == loaded.class_names
         return from_fit
@@ -229,7 +230,7 @@ def fit_and_load(fit_data, load, case, tmp_path, resolution, channels):
 def test_fit_and_the_loader_accept_and_refuse_the_same_hugging_face_datasets(tmp_path, case, channels):
     dataset = fake_dataset(case)
     load = lambda: ImageDataset(*_hf_source(dataset, "saved", (), tmp_path, 8, channels).load(), "saved")  # noqa: E731
-    fitted = fit_and_load(dataset, load, case, tmp_path, 8, channels)
+    fitted = fit_and_load(dataset, load, case, tmp_path, 8, channels, tmp_path.name)
     if fitted is not None and case == "ClassLabel":
         assert fitted.class_names == ("cat", "dog") and fitted.labels.tolist() == [0, 1, 0, 1]
         assert fitted.images.shape == (4, 8, 8, channels) and fitted.images[3].min() == 120
@@ -242,7 +243,7 @@ def test_a_saved_hugging_face_dataset_is_read_as_fit_reads_it_in_memory(tmp_path
     dataset = hf_dataset(datasets, case, tmp_path / "parquet")
     dataset.save_to_disk(str(tmp_path / "saved"))
     load = lambda: load_dataset(str(tmp_path / "saved"), resolution=8, channels=3)  # noqa: E731
-    fit_and_load(dataset, load, case, tmp_path, 8, 3)
+    fit_and_load(dataset, load, case, tmp_path, 8, 3, "saved")
 
 
 def test_columns_are_found_by_feature_type_then_by_name():
