@@ -30,8 +30,7 @@ from PIL import Image
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
-from privimage.data.geometry import square_resize
-from privimage.data.user import convert_image
+from privimage.data.convert import Labelled, class_indices, labelled_arrays
 from privimage.methods import STAGE_TABLE
 from privimage.stages.sample import safe_folder_name
 from privimage.errors import UserError
@@ -42,8 +41,6 @@ from privimage.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-# Images held in memory: uint8 N×H×W×C (any one H, W, C), int64 labels, class names (None: "0".."K-1").
-Labelled = tuple[np.ndarray, np.ndarray, Union[tuple[str, ...], None]]
 # What `fit` takes: an array of images, a torch Dataset of (image, label), a Hugging Face dataset,
 # or a built-in name / folder / .npz path.
 Data = Union[np.ndarray, torch.utils.data.Dataset, "datasets.Dataset", str, os.PathLike]
@@ -273,7 +270,7 @@ class PrivImage:
         names = self.class_names
         if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
             raise UserError(f"n must be an integer >= 1 (got {n!r})")
-        wanted = np.arange(n) % len(names) if labels is None else _class_indices(labels, names, n)
+        wanted = np.arange(n) % len(names) if labels is None else class_indices(labels, names, n)
         device = self.pipeline.device
         generator = torch.Generator(device=device)
         if seed is None:
@@ -340,7 +337,7 @@ def _with_data_keys(cfg: DictConfig, data: dict[str, str]) -> DictConfig:
     return cfg
 
 
-# -- in-memory data -> arrays ----------------------------------------------------------------------
+# -- in-memory data -> arrays (data/convert.py) ----------------------------------------------------
 def _labelled(
     images: Data, labels: Any, class_names: Sequence[str] | None, resolution: int, channels: int
 ) -> str | Labelled:
@@ -349,14 +346,7 @@ def _labelled(
         if labels is not None or class_names is not None:
             raise UserError("labels= and class_names= go with in-memory images: a folder or .npz carries its own")
         return str(images)
-    if hasattr(images, "column_names") and hasattr(images, "features"):
-        pixels, labels, class_names = _hugging_face(images, labels, class_names, resolution, channels)
-    elif isinstance(images, torch.utils.data.Dataset):
-        pixels, labels = _torch_dataset(images, labels, resolution, channels)
-        class_names = class_names or getattr(images, "classes", None)
-    else:
-        pixels = _uint8_images(np.asarray(images), "images")
-    return pixels, *_label_array(labels, class_names, len(pixels))
+    return labelled_arrays(images, labels, class_names, resolution, channels)
 
 
 def _test_parts(test: Any, train_names: tuple[str, ...] | None) -> tuple[Any, Any, Any]:
@@ -366,113 +356,6 @@ def _test_parts(test: Any, train_names: tuple[str, ...] | None) -> tuple[Any, An
             raise UserError("test= as a tuple is (images, labels) or (images, labels, class_names)")
         return test[0], test[1], test[2] if len(test) == 3 else train_names
     return test, None, None
-
-
-def _uint8_images(images: np.ndarray, what: str) -> np.ndarray:
-    """N×H×W[×C] uint8, or floats in [0, 1], as uint8 N×H×W×C."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
-        raise UserError(f"{what} have shape {images.shape}: give N×H×W or N×H×W×C with C 1 or 3 (channels last)")
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.floating):
-        raise UserError(f"{what} are {images.dtype}: give uint8 values 0..255 or floats in [0, 1]")
-    if not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
-        raise UserError(f"{what} are floats outside [0, 1]: scale them to [0, 1], or give uint8 values 0..255")
-    return np.rint(images * 255).astype(np.uint8)
-
-
-def _same_size(pixels: list[np.ndarray], resolution: int, channels: int) -> np.ndarray:
-    """Stack HWC uint8 images; images of mixed sizes or modes are first resized as folders are."""
-    if len({p.shape for p in pixels}) > 1:
-        pixels = [np.asarray(square_resize(convert_image(Image.fromarray(p.squeeze(-1) if p.shape[-1] == 1 else p),
-                                                         channels), resolution)).reshape(resolution, resolution, channels)
-                  for p in pixels]
-    return np.stack(pixels)
-
-
-def _torch_dataset(dataset: Any, labels: Any, resolution: int, channels: int) -> tuple[np.ndarray, list]:
-    if labels is not None:
-        raise UserError("labels= goes with an array of images: a torch Dataset yields (image, label) pairs")
-    pixels, found = [], []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise UserError("the torch Dataset must yield (image, label) pairs")
-        image, label = item
-        if isinstance(image, torch.Tensor):  # torch's layout: C×H×W
-            image = image.detach().cpu().numpy()
-            image = image.transpose(1, 2, 0) if image.ndim == 3 else image
-        elif isinstance(image, Image.Image):
-            image = np.asarray(convert_image(image, channels))
-        pixels.append(_uint8_images(np.asarray(image)[None], "dataset images")[0])
-        found.append(label.item() if isinstance(label, torch.Tensor) else label)
-    if not pixels:
-        raise UserError("the torch Dataset is empty: give at least one image per class")
-    return _same_size(pixels, resolution, channels), found
-
-
-def _hugging_face(dataset: Any, labels: Any, class_names: Any, resolution: int, channels: int) -> tuple:
-    """A `datasets.Dataset` (duck-typed: no dependency): its Image column and its ClassLabel column."""
-    features = dataset.features
-    kinds = {name: type(features[name]).__name__ for name in dataset.column_names}
-    image_column = next((n for n, kind in kinds.items() if kind == "Image"), None) or next(
-        (n for n in ("image", "img", "pixel_values") if n in kinds), None)
-    label_column = next((n for n, kind in kinds.items() if kind == "ClassLabel"), None) or next(
-        (n for n in ("label", "labels") if n in kinds), None)
-    if image_column is None or (labels is None and label_column is None):
-        raise UserError(f"found no image and label columns among {', '.join(dataset.column_names)}: "
-                        "name them image and label, or give arrays")
-    pixels = []
-    for image in dataset[image_column]:
-        image = np.asarray(convert_image(image, channels)) if isinstance(image, Image.Image) else np.asarray(image)
-        pixels.append(_uint8_images(image[None], "dataset images")[0])
-    if labels is None:
-        labels = dataset[label_column]
-        if class_names is None and kinds[label_column] == "ClassLabel":
-            class_names = features[label_column].names
-    return _same_size(pixels, resolution, channels), labels, class_names
-
-
-def _label_array(labels: Any, class_names: Sequence[str] | None, count: int) -> tuple[np.ndarray, tuple | None]:
-    """Integer labels 0..K-1 (or class names), checked against the images and each other."""
-    if labels is None:
-        return np.zeros(count, np.int64), tuple(class_names or ("images",))
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "USO":
-        names = tuple(class_names) if class_names is not None else tuple(sorted({str(x) for x in labels}))
-        labels = _class_indices(labels, names, count)
-        return labels, names
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"labels are {labels.dtype} of shape {labels.shape}: give a 1-D array of integers or class names")
-    if len(labels) != count:
-        raise UserError(f"{count} images but {len(labels)} labels: give one label per image")
-    names = tuple(str(x) for x in class_names) if class_names is not None else None
-    top = len(names) if names is not None else labels.max() + 1
-    if labels.min() < 0 or labels.max() >= top:
-        raise UserError(f"labels must be 0..{top - 1}, one per class"
-                        + (" of class_names" if names is not None else "") + ": renumber them")
-    if (np.bincount(labels, minlength=top) == 0).any():
-        raise UserError("a class has no images: number the classes 0..K-1 with no gaps, or drop the empty class "
-                        "from class_names")
-    return labels.astype(np.int64), names
-
-
-def _class_indices(labels: Any, names: tuple[str, ...], count: int) -> np.ndarray:
-    """Labels given as indices or class names, as int64 indices into `names`."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != count:
-        raise UserError(f"labels have shape {labels.shape}: give one label per image ({count})")
-    if labels.dtype.kind in "USO":
-        position = {name: index for index, name in enumerate(names)}
-        unknown = sorted({str(x) for x in labels} - set(position))
-        if unknown:
-            raise UserError(f"unknown class names {', '.join(unknown[:5])}: the classes are {', '.join(names[:10])}")
-        return np.array([position[str(x)] for x in labels], np.int64)
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(names):
-        raise UserError(f"labels must be class indices 0..{len(names) - 1} or class names")
-    return labels.astype(np.int64)
 
 
 def _write_private_npz(path: Path, data: Labelled) -> None:

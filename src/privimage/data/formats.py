@@ -9,7 +9,8 @@
   Classes are numbered by their 1-based labels unless the folder holds `map_clsloc.txt`
   ("n01440764 1 tench" per line) or `class_names.txt` (one name per line, label 1 first).
 - A Hugging Face dataset written by `save_to_disk`, or a `.parquet` file, through the optional
-  `datasets` library (`pip install 'privimage[hf]'`).
+  `datasets` library (`pip install 'privimage[hf]'`). Its image and label columns are found and
+  checked as `fit` finds and checks them in memory (data/convert.py).
 - Otherwise a folder of images or an `.npz` (data/user.py).
 
 Both batch formats store each image as 3·r·r uint8, channel-major. The pickles are read by an
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from privimage.data.geometry import square_resize
-from privimage.data.user import CHUNK_IMAGES, convert_image, fit_images, folder_index, load_npz, read_images
+from privimage.data.convert import hf_columns, hf_dtype, hf_labels, pil_or_array, stacked
+from privimage.data.user import CHUNK_IMAGES, fit_images, folder_index, load_npz, read_images
 from privimage.errors import UserError
 
 Chunks = Iterator[tuple[np.ndarray, np.ndarray]]  # (N×r×r×C uint8 images, N int64 labels)
@@ -179,30 +180,25 @@ def _imagenet(folder: Path, files: list[Path], resolution: int, channels: int) -
     return Source(str(folder), (*train, *name_files), folder, _batches(train, **args), class_names, test)
 
 
-def _hf_columns(dataset, path: Path) -> tuple[str, str | None]:
-    """(image column, label column or None) of a Hugging Face dataset, found by their feature types."""
-    import datasets
-
-    images = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
-    labels = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.ClassLabel)]
-    if not images:
-        raise UserError(f"{path}: no image column (a datasets.Image feature): cast one with dataset.cast_column")
-    return images[0], labels[0] if labels else None
-
-
 def _hf_source(dataset, name: str, files: tuple[Path, ...], root: Path, resolution: int, channels: int) -> Source:
-    image_column, label_column = _hf_columns(dataset, root)
-    names = tuple(dataset.features[label_column].names) if label_column else (root.name,)
+    """A saved Hugging Face dataset, its columns found and its labels checked as `fit` finds and checks them."""
+    try:
+        image_column, label_column = hf_columns(dataset)
+        labels, names = hf_labels(dataset, label_column, len(dataset), unlabelled=root.name)
+    except UserError as error:
+        raise UserError(f"{name}: {error}") from None
+    names = names or tuple(str(label) for label in range(labels.max() + 1))  # integer labels without names
+    dtype, what = hf_dtype(dataset, image_column), f"{name}: images of column {image_column!r}"
 
     def chunks() -> Chunks:
+        start = 0
         for batch in dataset.iter(batch_size=CHUNK_IMAGES):
-            images = np.stack([
-                np.asarray(square_resize(convert_image(image, channels), resolution)) for image in batch[image_column]
-            ]).reshape(-1, resolution, resolution, channels)
-            labels = np.asarray(batch[label_column], np.int64) if label_column else np.zeros(len(images), np.int64)
-            yield images, labels
+            pixels = [pil_or_array(image, channels, what, dtype) for image in batch[image_column]]
+            images = fit_images(stacked(pixels, resolution, channels), resolution, channels)
+            yield images, labels[start : start + len(images)]
+            start += len(images)
 
-    return Source(name, files, root, chunks, lambda labels: names)
+    return Source(name, files, root, chunks, lambda _: names)
 
 
 def _huggingface(path: Path, resolution: int, channels: int) -> Source:
