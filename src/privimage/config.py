@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from privimage.diffusion.adapters import TRAINABLE
 from privimage.errors import UserError
-from privimage.methods import METHODS
+from privimage.methods import METHODS, STAGE_TABLE
 
 PRESETS = ("quick", "default", "paper")
 
@@ -203,9 +203,9 @@ def validate(cfg: DictConfig) -> None:
     share = cfg.pretrain.warm_start_share
     _check(share is None or (_is_number(share) and 0 < share < 1),
            f"pretrain.warm_start_share must be null or in (0, 1), the share of each batch (got {share})")
-    uses_generator = {"dpmerf", "warmstart"} & set(method.stages_for(cfg))
+    uses_generator = [stage for stage in method.stages_for(cfg) if STAGE_TABLE[stage].fits_generator]
     if uses_generator:
-        _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(sorted(uses_generator))}) upsamples "
+        _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(uses_generator)}) upsamples "
                                              f"twice: data.resolution must be a multiple of 4 (got {cfg.data.resolution}), "
                                              "or warm_start.epsilon_share=0")
     e = cfg.evaluate

@@ -1,0 +1,120 @@
+"""The import graph of src/privimage: no cycle, no import tucked inside a function to break one, and no
+arrow from a lower layer up to a higher one.
+
+Read from the source with `ast`, so nothing is imported. Imports under `if TYPE_CHECKING:` are left out:
+they name types for annotations and never run.
+"""
+
+import ast
+from pathlib import Path
+
+import privimage
+
+ROOT = Path(privimage.__file__).parent
+PACKAGE = ROOT.name
+
+# From the top down; a module may import only from its own layer or the layers below it. The stages read
+# the config (pipeline.Pipeline hands it to them); the cores below them take plain arguments.
+LAYERS = (
+    ("privimage.__main__", "privimage.cli"),
+    ("privimage.api", "privimage.bench", "privimage.audit"),
+    ("privimage.pipeline",),
+    ("privimage.stages",),
+    ("privimage.planning", "privimage.builders", "privimage.config"),
+)
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in ROOT.rglob("*.py")}
+
+
+def _targets(node: ast.Import | ast.ImportFrom, importer: str) -> set[str]:
+    """The privimage modules an import statement loads (`from P import M` loads P and, if it is one, P.M),
+    less the importer's own packages, which Python loads before the importer whatever it imports."""
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        names = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
+    return {name for name in names if name in MODULES and not importer.startswith(name + ".") and name != importer}
+
+
+def imports(module: str) -> tuple[set[str], set[str]]:
+    """(what `module` imports when it is loaded, what its functions and methods import when they run)."""
+    loaded, deferred = set(), set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue
+            if isinstance(child, (ast.Import, ast.ImportFrom)):
+                (deferred if in_function else loaded).update(_targets(child, module))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)))
+
+    visit(ast.parse(MODULES[module].read_text()), False)
+    return loaded, deferred
+
+
+GRAPH = {module: imports(module) for module in MODULES}
+
+
+def reaches(start: str, goal: str, graph: dict[str, set[str]]) -> list[str] | None:
+    """A path of imports from `start` to `goal`, or None."""
+    stack, came_from = [start], {start: None}
+    while stack:
+        node = stack.pop()
+        if node == goal:
+            path = [node]
+            while came_from[path[-1]] is not None:
+                path.append(came_from[path[-1]])
+            return path[::-1]
+        for nxt in graph[node]:
+            if nxt not in came_from:
+                came_from[nxt] = node
+                stack.append(nxt)
+    return None
+
+
+def layer(module: str) -> int | None:
+    if module == PACKAGE:  # `privimage.PrivImage` is the API's, loaded on first use: the top
+        return 0
+    for index, members in enumerate(LAYERS):
+        if any(module == m or module.startswith(m + ".") for m in members):
+            return index
+    return None  # the cores (data/, diffusion/, privacy/, ...): below every listed layer
+
+
+def test_the_graph_reads_every_module_and_sees_the_pipeline_load_its_stages():
+    assert len(MODULES) > 40
+    assert "privimage.stages.registry" in GRAPH["privimage.pipeline"][0]
+    assert "privimage.stages.finetune" in GRAPH["privimage.stages.registry"][0]
+
+
+def test_the_module_level_import_graph_has_no_cycle():
+    loaded = {module: edges[0] for module, edges in GRAPH.items()}
+    cycles = []
+    for module, edges in loaded.items():
+        for target in edges:
+            back = reaches(target, module, loaded)
+            if back is not None:
+                cycles.append(" -> ".join([module, *back]))
+    assert not cycles, "import cycles:\n" + "\n".join(sorted(cycles))
+
+
+def test_no_import_inside_a_function_would_close_a_cycle_if_it_were_at_the_top():
+    """A function-level import may defer a slow import (the CLI's start-up), never hide a cycle."""
+    loaded = {module: edges[0] for module, edges in GRAPH.items()}
+    hidden = [f"{module} imports {target} in a function: " + " -> ".join(back)
+              for module, (_, deferred) in GRAPH.items() for target in sorted(deferred)
+              if (back := reaches(target, module, loaded)) is not None]
+    assert not hidden, "\n".join(hidden)
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    upward = [f"{module} (layer {layer(module)}) imports {target} (layer {layer(target)})"
+              for module, (loaded, deferred) in GRAPH.items() for target in loaded | deferred
+              if layer(target) is not None and (layer(module) is None or layer(target) < layer(module))]
+    assert not upward, "\n".join(sorted(upward))
