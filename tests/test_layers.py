@@ -1,14 +1,15 @@
-"""The import graph of src/privimage: no cycle, no import tucked inside a function to break one, and no
-arrow from a lower layer up to a higher one.
+"""The structure of src/privimage, read from the source with `ast`: an import graph with no cycle, no
+import tucked inside a function to break one, and no arrow from a lower layer up to a higher one; and stage
+and method names compared in their tables (methods.py) only.
 
-Read from the source with `ast`, so nothing is imported. Imports under `if TYPE_CHECKING:` are left out:
-they name types for annotations and never run.
+Imports under `if TYPE_CHECKING:` are left out: they name types for annotations and never run.
 """
 
 import ast
 from pathlib import Path
 
 import privimage
+from privimage.methods import METHODS, STAGE_TABLE
 
 ROOT = Path(privimage.__file__).parent
 PACKAGE = ROOT.name
@@ -118,3 +119,42 @@ def test_no_module_imports_from_a_layer_above_its_own():
               for module, (loaded, deferred) in GRAPH.items() for target in loaded | deferred
               if layer(target) is not None and (layer(module) is None or layer(target) < layer(module))]
     assert not upward, "\n".join(sorted(upward))
+
+
+TABLE_NAMES = {*STAGE_TABLE, *METHODS, *(m.pretraining_data for m in METHODS.values() if m.pretraining_data)}
+
+
+def _names_a_table_entry(node: ast.AST) -> bool:
+    if isinstance(node, (ast.Set, ast.Tuple, ast.List)):
+        return any(_names_a_table_entry(element) for element in node.elts)
+    return isinstance(node, ast.Constant) and node.value in TABLE_NAMES
+
+
+def name_comparisons(source: str) -> list[str]:
+    """Comparisons (==, !=, in, not in, a set's & and -) with a stage name, a method name or a kind of
+    pretraining data."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitAnd, ast.Sub)):
+            sides = [node.left, node.right]
+        else:
+            continue
+        if any(_names_a_table_entry(side) for side in sides):
+            found.append(ast.unparse(node))
+    return sorted(found)
+
+
+def test_the_name_check_sees_a_stage_name_compared_however_it_is_written():
+    source = 'a = stage == "pretrain"\nb = "warmstart" in stages\nc = {"dpmerf", "x"} & s if m != "pdp" else 0\n'
+    assert name_comparisons(source) == ["'warmstart' in stages", "m != 'pdp'", "stage == 'pretrain'",
+                                        "{'dpmerf', 'x'} & s"]
+    assert name_comparisons('ledger.find("finetune")\nd = {"pretrain": 1}\n') == []
+
+
+def test_stage_and_method_names_are_compared_in_the_tables_only():
+    """What code needs to know of a stage or a method is a field or a property of its row in methods.py."""
+    compared = [f"{module}: {comparison}" for module, path in MODULES.items() if module != "privimage.methods"
+                for comparison in name_comparisons(path.read_text())]
+    assert not compared, "\n".join(compared)

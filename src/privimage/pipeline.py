@@ -158,14 +158,15 @@ class Pipeline:
              "expected_minutes": {k: round(v / 60, 2) for k, v in plan.expected_seconds.items()},
              **({"evaluation_trimmed": plan.evaluation} if plan.evaluation else {})}))
 
-    def _replan_pretraining(self, stage: str) -> None:
-        """Fit pretraining's steps (`stage`'s) to the seconds left when it starts (planning.replan_pretraining),
-        once per run directory, before its first step: a resumed run keeps the steps plan.json holds."""
+    def _replan_pretraining(self) -> None:
+        """Fit pretraining's steps to the seconds left when it starts (planning.replan_pretraining), once
+        per run directory, before its first step: a resumed run keeps the steps plan.json holds."""
         if self.plan is None or self.plan.replanned_seconds_left is not None or self.run.pretrain_dir.exists():
             return
         plan = None
         if distributed.is_main():  # plan.json first: a resumed run reads its steps from there
-            markers = [self.run.stages / f"{earlier}.json" for earlier in self.stages_before(stage)]
+            pretraining = next(stage for stage in self.stages() if STAGE_TABLE[stage].follows_clock)
+            markers = [self.run.stages / f"{stage}.json" for stage in self.stages_before(pretraining)]
             plan = replan_pretraining(self.plan, self.seconds_left(), {m.stem: read_json(m)["seconds"]
                                                                          for m in markers if m.exists()})
             write_json(self.run.plan, plan.to_dict())
@@ -349,7 +350,7 @@ class Pipeline:
             return StageResult(stage, skipped=True, seconds=0.0)
         self.check_runnable(stage)
         if STAGE_TABLE[stage].follows_clock:
-            self._replan_pretraining(stage)
+            self._replan_pretraining()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             torch.cuda.reset_peak_memory_stats(self.device)
