@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
 from privimage.errors import UserError
-from privimage.methods import METHODS, STAGE_TABLE
+from privimage.methods import METHODS, STAGE_TABLE, Method
 from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
@@ -170,11 +170,11 @@ def margin_markdown(rows: list[dict], classifiers: list[str]) -> str:
         pairs = [(row, theirs[row["dataset"], row["epsilon"]]) for row in rows
                  if row["method"] == method.name and (row["dataset"], row["epsilon"]) in theirs]
         if pairs:
-            sections.append(_margin_section(method.name, method.compared_with, pairs, classifiers))
+            sections.append(_margin_section(method, pairs, classifiers))
     return "".join(sections)
 
 
-def _margin_section(mine: str, baseline: str, pairs: list[tuple[dict, dict]], classifiers: list[str]) -> str:
+def _margin_section(method: Method, pairs: list[tuple[dict, dict]], classifiers: list[str]) -> str:
     header = ["dataset", "ε target", "budget (min)", *(f"margin ({c}, points)" for c in classifiers)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row, theirs in pairs:
@@ -182,8 +182,9 @@ def _margin_section(mine: str, baseline: str, pairs: list[tuple[dict, dict]], cl
                    else 100 * (row["accuracy"][c] - theirs["accuracy"][c]) for c in classifiers]
         cells = [row["dataset"], f"{row['epsilon']:g}", _cell(row["minutes"], "g"), *(_cell(m, "+.1f") for m in margins)]
         lines.append("| " + " | ".join(cells) + " |")
+    mine, baseline = method.name, method.compared_with
     return (f"\n## {mine}'s margin over {baseline}\n\n{mine}'s accuracy minus {baseline}'s at the same ε, on the same "
-            f"dataset and split: {METHODS[mine].margin_measures}.\n\n" + "\n".join(lines) + "\n")
+            f"dataset and split: {method.margin_measures}.\n\n" + "\n".join(lines) + "\n")
 
 
 def public_share_markdown(rows: list[dict]) -> str:
