@@ -14,8 +14,9 @@ from privimage.methods import METHODS, STAGE_TABLE
 ROOT = Path(privimage.__file__).parent
 PACKAGE = ROOT.name
 
-# From the top down; a module may import only from its own layer or the layers below it. The stages read
-# the config (pipeline.Pipeline hands it to them); the cores below them take plain arguments.
+# From the top down; a module may import only from its own layer or the layers below it. Modules in none
+# (methods.py's tables and the cores: data/, diffusion/, privacy/, evaluation/, ...) sit below them all.
+# The stages read the config (pipeline.Pipeline hands it to them); the cores take plain arguments.
 LAYERS = (
     ("privimage.__main__", "privimage.cli"),
     ("privimage.api", "privimage.bench", "privimage.audit"),
