@@ -1,4 +1,4 @@
-"""Peak memory (RSS, and GPU memory when on CUDA) and wall time of every pipeline stage.
+"""Peak memory (RSS, and GPU memory when on CUDA) and wall time of every stage of the configured method.
 
     python benchmarks/stage_memory.py [--preset quick] [key=value ...]
 
@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from privimage.methods import STAGES
+from privimage.config import load_config
+from privimage.methods import METHODS
 
 
 def main() -> None:
@@ -30,9 +31,11 @@ def main() -> None:
         out = Path(tmp) / "run"
         print(f"preset {args.preset} {' '.join(args.overrides)}")
         print(f"{'stage':10} {'seconds':>8} {'peak RSS (MiB)':>15} {'peak GPU (GiB)':>15}")
-        for stage in STAGES:
+        cfg = load_config(args.preset, overrides=args.overrides)
+        stages = METHODS[cfg.method].stages_for(cfg)
+        for stage in stages:
             command = [sys.executable, "-m", "privimage", stage, "--out", str(out)]
-            if stage == "semantics":  # the first stage fixes the run's config
+            if stage == stages[0]:  # the first stage fixes the run's config
                 command += ["--preset", args.preset, *args.overrides]
             start = time.perf_counter()
             process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

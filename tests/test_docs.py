@@ -1,5 +1,5 @@
-"""The documentation as a reader follows it: every relative link and anchor in README.md, CHANGELOG.md and
-docs/ resolves, every docs/ anchor a code comment cites exists, and the text speaks of the project itself."""
+"""The documentation as a reader follows it: every relative link and anchor in README.md, CHANGELOG.md,
+docs/ and the READMEs of benchmarks/ and experiments/ resolves, every docs/ anchor a code comment cites exists, and the text speaks of the project itself."""
 
 import re
 from pathlib import Path
@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").glob("*.md")),
+         ROOT / "benchmarks" / "README.md", ROOT / "experiments" / "README.md"]
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 

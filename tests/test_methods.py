@@ -16,6 +16,8 @@ from privimage.methods import METHODS, STAGE_TABLE
 from privimage.privacy.accountant import compose_epsilon
 from privimage.privacy.noise import GaussianNoise
 from privimage.stages.pretrain import LABEL_EMBEDDING, label_rows, with_label_rows
+from privimage.stages.registry import (MODEL_MODULES, RELEASE_MODULES, STAGE_MODULES, ModelModule, ReleaseModule,
+                                       StageModule)
 
 
 def features(dim=12, count=64, scale=2.0, seed=0):
@@ -144,15 +146,24 @@ def test_dpdm_reads_its_own_dp_sgd_settings_and_the_others_finetunes():
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_books_what_its_stages_spend_and_ends_in_a_sampled_model(method):
     stages = METHODS[method].stages
-    assert METHODS[method].model_stage in stages and hasattr(STAGE_TABLE[METHODS[method].model_stage].module, "sampler")
+    assert METHODS[method].model_stage in stages and METHODS[method].model_stage in MODEL_MODULES
     for stage in stages:
-        assert hasattr(STAGE_TABLE[stage].module, "mechanism") == STAGE_TABLE[stage].spends_privacy
+        assert (stage in RELEASE_MODULES) == STAGE_TABLE[stage].spends_privacy
+
+
+def test_every_stage_of_the_table_has_a_module_that_keeps_the_contract_of_its_role():
+    assert set(STAGE_MODULES) == set(STAGE_TABLE)
+    for name, module in STAGE_MODULES.items():
+        assert module.__name__ == f"privimage.stages.{name}" and isinstance(module, StageModule)
+        assert isinstance(module, ReleaseModule) == STAGE_TABLE[name].spends_privacy, name
+    for name, module in MODEL_MODULES.items():
+        assert isinstance(module, ModelModule), name
 
 
 @pytest.mark.parametrize("epsilon", [1.0, 10.0])
 def test_dpmerf_calibrates_its_one_release_to_the_target(epsilon):
     cfg = load_config("default", overrides=["method=dpmerf", f"privacy.epsilon={epsilon}"])
-    mechanism = STAGE_TABLE["dpmerf"].module.mechanism(cfg, 4000, [])
+    mechanism = RELEASE_MODULES["dpmerf"].mechanism(cfg, 4000, [])
     assert (mechanism.sample_rate, mechanism.steps) == (1.0, 1)
     spent = compose_epsilon([mechanism], 1e-5)
     assert epsilon * 0.98 < spent <= epsilon

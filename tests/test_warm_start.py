@@ -12,7 +12,7 @@ from merf_runs import finished_run, quick, release_residual
 from privimage.config import load_config
 from privimage.data import ImageDataset
 from privimage.errors import UserError
-from privimage.methods import STAGE_TABLE
+from privimage.stages.registry import RELEASE_MODULES
 from privimage.pipeline import Pipeline
 from privimage.stages.pretrain import picked_image_weights, pretraining_data, public_fit
 from privimage.stages.warmstart import despeckle, generator_file, warm_start_images
@@ -22,7 +22,7 @@ from privimage.privacy.accountant import compose_epsilon
 @pytest.mark.parametrize("epsilon", [1.0, 10.0])
 def test_the_warm_start_spends_its_share_of_epsilon_alone(epsilon):
     cfg = load_config("default", overrides=[f"privacy.epsilon={epsilon}"])
-    alone = compose_epsilon([STAGE_TABLE["warmstart"].module.mechanism(cfg)], cfg.privacy.delta)
+    alone = compose_epsilon([RELEASE_MODULES["warmstart"].mechanism(cfg)], cfg.privacy.delta)
     share = cfg.warm_start.epsilon_share
     assert 0.99 * share * epsilon <= alone <= share * epsilon
 
@@ -43,11 +43,11 @@ def test_a_budget_the_releases_before_dp_sgd_use_up_is_refused_naming_what_to_ch
     # ε = 0.5: the query (ε 0.375 alone) and 0.8 of ε leave DP-SGD nothing; ε = 0.05: the query alone is too much.
     epsilon = 0.5 if share else 0.05
     cfg = load_config("default", overrides=[f"privacy.epsilon={epsilon}", f"warm_start.epsilon_share={share}"])
-    earlier = [STAGE_TABLE["semantics"].module.mechanism(cfg)]
+    earlier = [RELEASE_MODULES["semantics"].mechanism(cfg)]
     if share:
-        earlier.append(STAGE_TABLE["warmstart"].module.mechanism(cfg))
+        earlier.append(RELEASE_MODULES["warmstart"].mechanism(cfg))
     with pytest.raises(UserError, match="semantics.query_sigma") as refused:
-        STAGE_TABLE["finetune"].module.mechanism(cfg, 4000, earlier)
+        RELEASE_MODULES["finetune"].mechanism(cfg, 4000, earlier)
     assert ("warm_start.epsilon_share" in str(refused.value)) == names_the_share
 
 

@@ -31,7 +31,7 @@ from PIL import Image
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.data.convert import Labelled, class_indices, labelled_arrays
-from privimage.methods import STAGE_TABLE
+from privimage.stages.registry import MODEL_MODULES
 from privimage.stages.sample import safe_folder_name
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
@@ -248,7 +248,7 @@ class PrivImage:
             >>> PrivImage.load("runs/mine").class_names  # doctest: +SKIP
             ('0', '1', '2', '3', '4', '5', '6', '7', '8', '9')
         """
-        model = STAGE_TABLE[self.pipeline.method.model_stage].module.model_file(self.pipeline.run)
+        model = MODEL_MODULES[self.pipeline.method.model_stage].model_file(self.pipeline.run)
         if model.is_file():
             names = load_checkpoint(model, tensors=False)[1].get("class_names")
             if names is not None:
@@ -311,7 +311,7 @@ class PrivImage:
             >>> PrivImage.load("runs/mine").report()  # doctest: +SKIP
         """
         self._require_fitted()
-        self.run(["sample", "evaluate", "report"])
+        self.run(list(self.pipeline.method.stages_after_model))
         return self.pipeline.run.report
 
     def _require_fitted(self) -> None:
@@ -321,8 +321,8 @@ class PrivImage:
 
     def _sampler(self) -> Callable:
         if self._draw is None:
-            stage = STAGE_TABLE[self.pipeline.method.model_stage]
-            self._draw = stage.module.sampler(self.cfg, self.pipeline.run, self.class_names, self.pipeline.device)
+            model = MODEL_MODULES[self.pipeline.method.model_stage]
+            self._draw = model.sampler(self.cfg, self.pipeline.run, self.class_names, self.pipeline.device)
         return self._draw
 
 

@@ -27,13 +27,14 @@ from omegaconf.errors import OmegaConfBaseException
 from privimage.checkpoint import load_checkpoint
 from privimage.config import validate
 from privimage.errors import UserError
-from privimage.methods import METHODS, STAGE_TABLE, STAGES
+from privimage.methods import METHODS, STAGE_TABLE, Method
 from privimage.report.figures import figure_png
 from privimage.atomic import read_json, write_bytes, write_text
 from privimage.rundir import RunDir
 from privimage.stages.evaluate import read_public_share
+from privimage.stages.registry import MODEL_MODULES
 
-STAGE_COLUMNS = tuple(s for s in STAGES if s != "report")  # every stage that takes time, in run order
+STAGE_COLUMNS = tuple(name for name, stage in STAGE_TABLE.items() if stage.takes_time)  # in run order
 
 
 def parse_list(text: str, what: str, convert: Callable[[str], object]) -> list:
@@ -128,7 +129,7 @@ def bench_row(name: str, cfg: DictConfig, run: RunDir, public_images: int) -> di
         "minutes": cfg.minutes, "public_share": read_public_share(run),
         "spent": ledger["spent"]["epsilon"],
         "fid": metrics.get("fid"), "accuracy": metrics["accuracy"], "public_images": public_images,
-        "parameters": parameter_count(STAGE_TABLE[METHODS[cfg.method].model_stage].module.model_file(run)),
+        "parameters": parameter_count(MODEL_MODULES[METHODS[cfg.method].model_stage].model_file(run)),
         "seconds": seconds, "wall": sum(v for v in seconds.values() if v is not None),
         "reused": reused,
     }
@@ -159,22 +160,31 @@ def bench_markdown(rows: list[dict]) -> str:
 
 
 def margin_markdown(rows: list[dict], classifiers: list[str]) -> str:
-    """privimage's accuracy minus dpmerf's, in points, for each dataset, ε and budget that has both."""
-    dpmerf = {(row["dataset"], row["epsilon"]): row for row in rows if row["method"] == "dpmerf"}
-    pairs = [(row, dpmerf[row["dataset"], row["epsilon"]]) for row in rows
-             if row["method"] == "privimage" and (row["dataset"], row["epsilon"]) in dpmerf]
-    if not pairs:
-        return ""
+    """Each method's accuracy minus that of the method it is compared with (`Method.compared_with`: privimage
+    against dpmerf), in points, for each dataset, ε and budget that has both."""
+    sections = []
+    for method in METHODS.values():
+        if method.compared_with is None:
+            continue
+        theirs = {(row["dataset"], row["epsilon"]): row for row in rows if row["method"] == method.compared_with}
+        pairs = [(row, theirs[row["dataset"], row["epsilon"]]) for row in rows
+                 if row["method"] == method.name and (row["dataset"], row["epsilon"]) in theirs]
+        if pairs:
+            sections.append(_margin_section(method, pairs, classifiers))
+    return "".join(sections)
+
+
+def _margin_section(method: Method, pairs: list[tuple[dict, dict]], classifiers: list[str]) -> str:
     header = ["dataset", "ε target", "budget (min)", *(f"margin ({c}, points)" for c in classifiers)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for mine, theirs in pairs:
-        margins = [None if c not in mine["accuracy"] or c not in theirs["accuracy"]
-                   else 100 * (mine["accuracy"][c] - theirs["accuracy"][c]) for c in classifiers]
-        cells = [mine["dataset"], f"{mine['epsilon']:g}", _cell(mine["minutes"], "g"), *(_cell(m, "+.1f") for m in margins)]
+    for row, theirs in pairs:
+        margins = [None if c not in row["accuracy"] or c not in theirs["accuracy"]
+                   else 100 * (row["accuracy"][c] - theirs["accuracy"][c]) for c in classifiers]
+        cells = [row["dataset"], f"{row['epsilon']:g}", _cell(row["minutes"], "g"), *(_cell(m, "+.1f") for m in margins)]
         lines.append("| " + " | ".join(cells) + " |")
-    return ("\n## privimage's margin over dpmerf\n\nprivimage's accuracy minus dpmerf's at the same ε, on the same "
-            "dataset and split: what the diffusion model adds to a DP-MERF release of the whole budget.\n\n"
-            + "\n".join(lines) + "\n")
+    mine, baseline = method.name, method.compared_with
+    return (f"\n## {mine}'s margin over {baseline}\n\n{mine}'s accuracy minus {baseline}'s at the same ε, on the same "
+            f"dataset and split: {method.margin_measures}.\n\n" + "\n".join(lines) + "\n")
 
 
 def public_share_markdown(rows: list[dict]) -> str:

@@ -27,6 +27,7 @@ from privimage import distributed
 from privimage.atomic import read_json
 from privimage.config import load_config
 from privimage.errors import UserError
+from privimage.methods import METHODS, STAGE_TABLE
 from privimage.rundir import RunDir
 
 EXIT_REFUSED = 3  # a UserError; typer keeps 2 for a bad command line
@@ -87,17 +88,18 @@ def main_options(version: Annotated[bool, typer.Option(
     """Differentially private synthetic images with semantic-aware pretraining (PrivImage)."""
 
 
-def _stage_command(stage: str, help_text: str) -> None:
+def _stage_command(stage: str, description: str) -> None:
+    """`privimage <stage>`: one stage of the table (methods.STAGE_TABLE) on a run directory."""
     def command(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None,
                 overrides: Overrides = None,
                 force: Annotated[bool, typer.Option(help="Rerun even if up to date.")] = False) -> None:
         _model(out, preset, config, overrides).run(
             [stage], force=force, on_stage=lambda r: console.print(f"{r.stage}: {_status(r)}"))
 
-    command.__doc__ = help_text
+    command.__doc__ = description
     app.command(name=stage, rich_help_panel=STAGES,
                 epilog=f"Example: `privimage {stage} --out runs/first` (after `privimage run` stopped, or to redo it "
-                       "with --force)")(command)
+                       "with --force; settings as key=value, e.g. `sample.n=5000`)")(command)
 
 
 @app.command(rich_help_panel=PIPELINE, epilog=(
@@ -114,7 +116,8 @@ def run(
         "Check the input, plan the time and the privacy budget, print both, and stop: nothing is written "
         "and nothing is released."))] = False,
 ) -> None:
-    """Run the whole pipeline: semantics → warmstart → pretrain → finetune → sample → evaluate → report."""
+    """Run the whole pipeline of the configured method (privimage: semantics → warmstart → pretrain → finetune →
+    sample → evaluate → report)."""
     from privimage.report.summary import print_summary
 
     extra = []
@@ -137,24 +140,8 @@ def run(
     print_summary(model.pipeline.run, results, console)
 
 
-_stage_command("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.")
-_stage_command("warmstart", "A DP-MERF release (warm_start.epsilon_share of ε) whose generator's images join pretraining.")
-_stage_command("pretrain", "Pretrain the diffusion model on the selected public images (and the warm start's).")
-_stage_command("finetune", "Fine-tune the pretrained model with DP-SGD on the sensitive training split.")
-_stage_command("dpmerf", "method=dpmerf: one noisy release of mean embeddings, a generator fitted to it, its samples.")
-
-
-@app.command(rich_help_panel=STAGES, epilog="Example: `privimage sample --out runs/first --n 5000`")
-def sample(out: Out = DEFAULT_OUT, preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
-           n: Annotated[Optional[int], typer.Option("--n", help="Number of images (sample.n).")] = None) -> None:
-    """Sample a labelled synthetic dataset (synthetic.npz, PNG folders, samples.png); no privacy cost."""
-    extra = [f"sample.n={n}"] if n is not None else []
-    _model(out, preset, config, [*(overrides or []), *extra]).run(
-        ["sample"], on_stage=lambda r: console.print(f"sample: {_status(r)}"))
-
-
-_stage_command("evaluate", "FID, downstream accuracy, precision/recall and memorization of the synthetic set.")
-_stage_command("report", "Write report.html: config, privacy ledger, semantics, samples, metrics.")
+for _stage in STAGE_TABLE.values():
+    _stage_command(_stage.name, _stage.description)
 
 
 @app.command(rich_help_panel=PIPELINE, epilog=(
@@ -164,7 +151,7 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Benchmark directory: one run directory per method and ε.")] = Path("runs/bench"),
     preset: Preset = None, config: ConfigFile = None, overrides: Overrides = None,
     epsilons: Annotated[str, typer.Option(help="Comma-separated target ε values.")] = "1,10",
-    methods: Annotated[str, typer.Option(help="Comma-separated methods: privimage, pdp, dpdm, dpmerf.")] = "privimage,pdp,dpdm,dpmerf",
+    methods: Annotated[str, typer.Option(help=f"Comma-separated methods: {', '.join(METHODS)}.")] = ",".join(METHODS),
     minutes: _minutes_option("Time budgets in minutes, comma-separated: one run per method, ε and budget.") = "6,15",
 ) -> None:
     """Every method at every ε and time budget; writes bench.md (table) and bench.png (accuracy vs budget)."""
@@ -295,8 +282,6 @@ def _plan_lines(run: RunDir, plan: dict | None) -> list[str]:
 def show(run_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A run directory (the --out of a run).")]) -> None:
     """What a run directory holds: its privacy ledger, the stages done, its time plan and where pretraining
     stopped. Reads only shareable files (privacy.json, stages/, plan.json, config.yaml)."""
-    from privimage.methods import METHODS
-
     run = RunDir(run_dir)
     if not run.ledger.is_file() or not run.config.is_file():
         raise UserError(f"{run_dir} is not a privimage run directory (no privacy.json or config.yaml): "

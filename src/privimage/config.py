@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from privimage.diffusion.adapters import TRAINABLE
 from privimage.errors import UserError
-from privimage.methods import METHODS
+from privimage.methods import METHODS, STAGE_TABLE
 
 PRESETS = ("quick", "default", "paper")
 
@@ -172,9 +172,9 @@ def validate(cfg: DictConfig) -> None:
         bf16 = OmegaConf.select(cfg, f"{section}.bf16")
         _check(isinstance(bf16, bool), f"{section}.bf16 must be true or false (got {bf16})")
     _check(_is_number(f.ema) and 0 <= f.ema < 1, f"finetune.ema must be in [0, 1) (got {f.ema})")
-    for section in ("pretrain", "finetune", "sample"):
-        value = cfg[section].batch_size if section != "finetune" else f.max_physical_batch
-        _check(isinstance(value, int) and value >= 1, f"{section} batch sizes must be integers >= 1 (got {value})")
+    for key in ("pretrain.batch_size", "finetune.max_physical_batch", "sample.batch_size"):
+        value = OmegaConf.select(cfg, key)
+        _check(isinstance(value, int) and value >= 1, f"{key} must be an integer >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
     _check(isinstance(cfg.sample.steps, int) and cfg.sample.steps >= 1,
@@ -204,9 +204,9 @@ def validate(cfg: DictConfig) -> None:
     share = cfg.pretrain.warm_start_share
     _check(share is None or (_is_number(share) and 0 < share < 1),
            f"pretrain.warm_start_share must be null or in (0, 1), the share of each batch (got {share})")
-    uses_generator = {"dpmerf", "warmstart"} & set(method.stages_for(cfg))
+    uses_generator = [stage for stage in method.stages_for(cfg) if STAGE_TABLE[stage].fits_generator]
     if uses_generator:
-        _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(sorted(uses_generator))}) upsamples "
+        _check(cfg.data.resolution % 4 == 0, f"the DP-MERF generator ({', '.join(uses_generator)}) upsamples "
                                              f"twice: data.resolution must be a multiple of 4 (got {cfg.data.resolution}), "
                                              "or warm_start.epsilon_share=0")
     e = cfg.evaluate

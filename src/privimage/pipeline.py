@@ -37,8 +37,9 @@ from privimage.privacy.ledger import PrivacyLedger
 from privimage.privacy.plan import PlannedRelease, plan_releases
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, resolve_device
-from privimage.stages.pretrain import label_rows
 from privimage.stages import warmstart
+from privimage.stages.pretrain import label_rows
+from privimage.stages.registry import RELEASE_MODULES, STAGE_MODULES
 from privimage.stages.semantics import semantic_classifier_is_cached
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ class Pipeline:
             self.public  # noqa: B018
         if self.method.queries_semantics:
             self._check_selection_fits()
-        if self.method.pretraining_data == "public":
+        if self.method.pretrains_on_public_labels:
             label_rows(self.public.num_classes, self.sensitive_train.num_classes, self.cfg.seed)  # refuses too few
         if self.cfg.minutes is not None and self.method.follows_budget:
             self._apply_plan()
@@ -137,7 +138,7 @@ class Pipeline:
     def _make_plan(self) -> Plan:
         num_classes = self.sensitive_train.num_classes
         warm_start_features = (warmstart.untrained_features(self.cfg, self.public, self.device)
-                               if "warmstart" in self.stages() else None)
+                               if self.method.has_warm_start(self.cfg) else None)
         throughput = probe(self.cfg, num_classes, self.device, num_samples=len(self.sensitive_train),
                            warm_start_features=warm_start_features)
         semantics_seconds = 0.0
@@ -147,7 +148,7 @@ class Pipeline:
                 self.cfg, self.public, self.device)
             semantics_seconds = c.epochs * len(self.public) * throughput["semantic_classifier_image_epoch"]
         plan = make_plan(self.cfg, throughput, self.seconds_left(), semantics_seconds=semantics_seconds,
-                         uses_pretraining="pretrain" in self.stages(), num_samples=len(self.sensitive_train))
+                         uses_pretraining=self.method.pretrains, num_samples=len(self.sensitive_train))
         self._log_plan("plan for %g minutes: %s", plan)
         return plan
 
@@ -164,7 +165,8 @@ class Pipeline:
             return
         plan = None
         if distributed.is_main():  # plan.json first: a resumed run reads its steps from there
-            markers = [self.run.stages / f"{stage}.json" for stage in self.stages()[:self.stages().index("pretrain")]]
+            pretraining = next(stage for stage in self.stages() if STAGE_TABLE[stage].follows_clock)
+            markers = [self.run.stages / f"{stage}.json" for stage in self.stages_before(pretraining)]
             plan = replan_pretraining(self.plan, self.seconds_left(), {m.stem: read_json(m)["seconds"]
                                                                          for m in markers if m.exists()})
             write_json(self.run.plan, plan.to_dict())
@@ -226,8 +228,10 @@ class Pipeline:
         of a stage before it): what followed it was made from that release. Only a repeatable release (the
         semantic query) may be made again, with `force`, and only when it still fits the budget."""
         for stage in self.stages():
-            module = STAGE_TABLE[stage].module
-            booked = self.ledger.find(stage) if STAGE_TABLE[stage].spends_privacy else None
+            if not STAGE_TABLE[stage].spends_privacy:
+                continue
+            module = RELEASE_MODULES[stage]
+            booked = self.ledger.find(stage)
             if booked is None or booked.release == module.release_key(self):
                 continue
             if not STAGE_TABLE[stage].repeatable_release:
@@ -306,7 +310,7 @@ class Pipeline:
     def privacy_plan(self) -> list[PlannedRelease]:
         """Every release the run will book, in stage order (privacy/plan.py)."""
         return plan_releases(self.cfg, len(self.sensitive_train), [
-            (stage, STAGE_TABLE[stage].module.mechanism) for stage in self.stages() if STAGE_TABLE[stage].spends_privacy])
+            (stage, RELEASE_MODULES[stage].mechanism) for stage in self.stages() if STAGE_TABLE[stage].spends_privacy])
 
     def planned_mechanisms(self) -> list[Mechanism]:
         """Every mechanism the run will apply, in stage order; the last one's σ is calibrated so that the
@@ -317,8 +321,11 @@ class Pipeline:
     def stages(self) -> tuple[str, ...]:
         return self.method.stages_for(self.cfg)
 
+    def stages_before(self, stage: str) -> tuple[str, ...]:
+        return self.stages()[: self.stages().index(stage)]
+
     def stage_fingerprint(self, stage: str) -> str:
-        upstream = [self.stage_fingerprint(s) for s in self.stages()[: self.stages().index(stage)]]
+        upstream = [self.stage_fingerprint(s) for s in self.stages_before(stage)]
         keys = STAGE_TABLE[stage].config_keys
         return fingerprint(upstream, [self.cfg[k] if k in self.cfg else None for k in keys],
                            self.cfg.data, self.cfg.method)
@@ -333,7 +340,7 @@ class Pipeline:
         """Refuse a stage that is not part of the method or whose upstream stages are not done."""
         if stage not in self.stages():
             raise UserError(f"stage '{stage}' is not part of method={self.cfg.method}: stages are {', '.join(self.stages())}")
-        for earlier in self.stages()[: self.stages().index(stage)]:
+        for earlier in self.stages_before(stage):
             if not self.is_done(earlier):
                 raise UserError(f"stage '{stage}' needs '{earlier}' first: run `privimage {earlier} --out {self.run.root}` "
                                 f"or `privimage run --out {self.run.root}`")
@@ -342,7 +349,7 @@ class Pipeline:
         if not force and stage in self.stages() and self.is_done(stage):
             return StageResult(stage, skipped=True, seconds=0.0)
         self.check_runnable(stage)
-        if stage == "pretrain":
+        if STAGE_TABLE[stage].follows_clock:
             self._replan_pretraining()
         on_gpu = self.device.type == "cuda"
         if on_gpu:
@@ -351,9 +358,9 @@ class Pipeline:
         if STAGE_TABLE[stage].reads_sensitive:
             planned = self.plan.expected_seconds.get(stage, 0.0) if self.plan is not None else 0.0
             with self.clock.reading_sensitive(planned):
-                STAGE_TABLE[stage].module.run(self)
+                STAGE_MODULES[stage].run(self)
         else:
-            STAGE_TABLE[stage].module.run(self)
+            STAGE_MODULES[stage].run(self)
         seconds = time.perf_counter() - started
         if distributed.is_main():
             # The shareable marker holds the stage's seconds on the budget's clock, which counts reading
@@ -385,6 +392,6 @@ class Pipeline:
 
     def public_images_used(self) -> int:
         """How many public images the method pretrained on (after its stages ran)."""
-        if self.method.pretraining_data == "selected":
+        if self.method.pretrains_on_selected_semantics:
             return int(read_json(self.run.semantics)["public_images"])
         return len(self.public) if self.method.uses_public_data else 0

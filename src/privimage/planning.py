@@ -43,6 +43,7 @@ from privimage.errors import UserError
 from privimage.evaluation.downstream import CLASSIFIERS, DOWNSTREAM_BATCH
 from privimage.classifiers import train_classifier
 from privimage.merf import FeatureMap, Generator, train_generator
+from privimage.methods import STAGE_TABLE
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
@@ -51,7 +52,8 @@ SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the
 # Planned again when pretraining starts, only what is left is uncertain: pretraining itself and the stages after it.
 REPLAN_SAFETY = 0.92
 STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early or trains on (pretraining_target)
-AFTER_PRETRAINING = ("finetune", "sample", "evaluate", "report")  # the stages a late pretraining must leave time for
+# The stages a late pretraining must leave time for.
+AFTER_PRETRAINING = tuple(name for name, stage in STAGE_TABLE.items() if stage.after_pretraining)
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
 # Optional evaluation, dropped in this order where the training floors do not fit the budget: the owner's

@@ -167,6 +167,6 @@ def sampler(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: 
 
 
 def run(pipeline: Pipeline) -> None:
-    pretrained = pipeline.run.pretrain_dir / MODEL_FILE if "pretrain" in pipeline.stages() else None
+    pretrained = pipeline.run.pretrain_dir / MODEL_FILE if pipeline.method.pretrains else None
     finetune(pipeline.cfg, pipeline.run, pipeline.ledger, pipeline.sensitive_train, pretrained, pipeline.device,
              release=release_key(pipeline))

@@ -140,12 +140,12 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     public class that fits its sensitive class poorly less than its share (none at all: its images are left
     out); the warm start's images take the rest.
     """
-    if pipeline.method.pretraining_data != "selected":
+    if not pipeline.method.pretrains_on_selected_semantics:
         return pipeline.public, None
     names = pipeline.sensitive_train.class_names
     chosen = read_json(pipeline.run.semantics)["selected"]
     selected = pretraining_set(pipeline.public, chosen, names)
-    if "warmstart" not in pipeline.stages():
+    if not pipeline.method.has_warm_start(pipeline.cfg):
         return selected, None
     fit = np.ones(len(selected))
     if pipeline.cfg.pretrain.public_fit is not None:
@@ -216,10 +216,9 @@ def run(pipeline: Pipeline) -> None:
     """
     cfg, run_dir = pipeline.cfg, pipeline.run
     (data, weights), names = pretraining_data(pipeline), pipeline.sensitive_train.class_names
-    shareable = "warmstart" not in pipeline.stages()
+    shareable = not pipeline.method.has_warm_start(cfg)
     pipeline.note("pretrain", pretraining_images=len(data))
-    public_labels = pipeline.method.pretraining_data == "public"
-    rows = label_rows(data.num_classes, len(names), cfg.seed) if public_labels else None
+    rows = label_rows(data.num_classes, len(names), cfg.seed) if pipeline.method.pretrains_on_public_labels else None
     key = fingerprint(data.fingerprint(), cfg.model, cfg.pretrain, cfg.seed, data.num_classes,
                       cfg.data.resolution, cfg.data.channels)
     cached = pipeline.cache_dir / "pretrained" / f"{key}.safetensors"

@@ -7,7 +7,7 @@ plain CNN (no augmentation, `evaluate.classifier_epochs`) on the real *training*
 train`, the validation measure levers are chosen on: the models saw it only through DP) or on the
 test split (`--split test`, for a final choice only).
 
-  PYTHONPATH=src python benchmarks/warm_start_levers.py --base runs/base --out runs/warm/a \
+  PYTHONPATH=src python experiments/warm_start_levers.py --base runs/base --out runs/warm/a \
       pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 dpmerf.steps=200 ...]
 `--until warmstart` scores the generator alone, its images median-filtered as pretraining sees them (a minute
 or two: the quick way to compare releases).

@@ -5,7 +5,7 @@ pretrains on their images, resuming the same (constant learning rate) training a
 the EMA model at step s is the one a run of s steps would have. Each is scored like
 warm_start_levers.py: `sample.n` images, the plain CNN, the real *training* split by default.
 
-  PYTHONPATH=src python benchmarks/pretrain_curve.py --base runs/base --out runs/curve --at 500,1000,2000 \
+  PYTHONPATH=src python experiments/pretrain_curve.py --base runs/base --out runs/curve --at 500,1000,2000 \
       [sample.steps=10 pretrain.lr=2e-3 ...]
 Prints one JSON line per step count: accuracy, seconds of pretraining so far.
 """

@@ -4,7 +4,7 @@ Runs the dpdm method's DP-SGD in a new run directory on the base run's split, wi
 budget, then samples and scores like the other lever benchmarks: `sample.n` images, the plain CNN, the
 real *training* split by default. To compare batch sizes at equal compute, keep batch_size × steps fixed.
 
-  PYTHONPATH=src python benchmarks/dpdm_levers.py --base runs/base --out runs/dpdm-b128 \
+  PYTHONPATH=src python experiments/dpdm_levers.py --base runs/base --out runs/dpdm-b128 \
       dpdm.batch_size=128 dpdm.steps=560
 Prints one JSON line: accuracy, the DP-SGD mechanism (σ, q, T) and its seconds.
 """

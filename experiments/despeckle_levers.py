@@ -6,7 +6,7 @@ Each RELEASE is a run directory holding a warm-start release (`warmstart/embeddi
 release takes the release's noise, which spreads the generator's score by several points at ε = 1,
 out of the comparison. Scored on the base run's real *training* split (the validation measure).
 
-  OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python benchmarks/despeckle_levers.py --base runs/base \
+  OMP_NUM_THREADS=1 PYTHONPATH=src python experiments/despeckle_levers.py --base runs/base \
       --out runs/despeckle/a runs/warm/e1a runs/warm/e1b [--widths 1,3,5]
 Prints one JSON line a release: its ε, and the accuracy at each filter width (1: none).
 """

@@ -7,7 +7,7 @@ downstream CNN (no augmentation, `evaluate.classifier_epochs`) trained on the sy
 on the real *training* split (`--split train`, the validation measure levers are chosen on: the
 generator saw it only through DP) or on the test split (`--split test`, for the final choice only).
 
-  PYTHONPATH=src python benchmarks/finetune_levers.py --base runs/base --pretrained M.safetensors \
+  PYTHONPATH=src python experiments/finetune_levers.py --base runs/base --pretrained M.safetensors \
       --out runs/levers/lr1e-3-a --split train finetune.lr=1e-3
 Prints one JSON line: the variant, accuracies, finetune / sample seconds.
 """
