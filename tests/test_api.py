@@ -300,3 +300,13 @@ def test_cli_commands_go_through_the_api(tmp_path, monkeypatch, capsys, command)
         cli.main()
     assert exit_info.value.code == 3 and "reached the API" in capsys.readouterr().err
     assert calls == [(None if command == "run" else [command], 5 if command == "run" else None, tmp_path / "r")]
+
+
+def test_evaluate_runs_the_measures_of_a_method_without_a_sample_stage(tmp_path, cache_dir, monkeypatch):
+    """method=dpmerf draws its synthetic set in its own stage: evaluate() must not ask for `sample`."""
+    monkeypatch.setenv("PRIVIMAGE_CACHE", str(cache_dir))
+    model = PrivImage(out=tmp_path / "dpmerf", preset="quick", method="dpmerf", dpmerf__steps=2)
+    model.fit("mnist")
+    metrics = model.evaluate()
+    assert 0.0 <= metrics["accuracy"]["cnn"] <= 1.0
+    assert not (tmp_path / "dpmerf" / "report.html").exists()

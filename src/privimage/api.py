@@ -302,7 +302,7 @@ class PrivImage:
             >>> PrivImage.load("runs/mine").evaluate()["accuracy"]  # doctest: +SKIP
         """
         self._require_fitted()
-        self.run(["sample", "evaluate"])
+        self.run(list(self.pipeline.method.stages_to_measure))
         return read_json(self.pipeline.run.metrics)
 
     def report(self) -> Path:

@@ -134,6 +134,11 @@ class Method:
         """What is made from the fitted model: samples, their measures, the report."""
         return self.stages[self.stages.index(self.model_stage) + 1:]
 
+    @property
+    def stages_to_measure(self) -> tuple[str, ...]:
+        """What `PrivImage.evaluate()` runs: the stages after the model that take time (the report does not)."""
+        return tuple(s for s in self.stages_after_model if STAGE_TABLE[s].takes_time)
+
 
 def _stages(*names: str) -> tuple[str, ...]:
     return tuple(s for s in STAGES if s in names)
