@@ -189,7 +189,7 @@ class PrivImage:
 
         `images` is a uint8 array N×H×W[×C] (or floats in [0, 1]) with `labels` (integers 0..K-1 or
         class names; none: one unlabelled class), a torch Dataset of (image, label) pairs (CHW float
-        tensors or HWC arrays), a Hugging Face dataset with an image and a label column, or a built-in
+        tensors or HWC arrays), a Hugging Face dataset (its columns found as for `data.sensitive`), or a built-in
         name / folder / .npz path (`data.sensitive`). `test` is a held-out test set for `evaluate`, in
         the same forms (arrays as an `(images, labels)` tuple); without it a fixed split is held out.
         In-memory data is copied once into the run directory's private/ folder. A run directory that
