@@ -8,7 +8,7 @@ train`, the validation measure levers are chosen on: the models saw it only thro
 test split (`--split test`, for a final choice only).
 
   PYTHONPATH=src python experiments/warm_start_levers.py --base runs/base --out runs/warm/a \
-      pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 dpmerf.steps=200 ...]
+      pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 warm_start.generator_steps=200 ...]
 `--until warmstart` scores the generator alone, its images median-filtered as pretraining sees them (a minute
 or two: the quick way to compare releases).
 Prints one JSON line: the variant, the three accuracies, ε spent, stage seconds.

@@ -196,7 +196,7 @@ def test_keywords_map_onto_config_keys_with_the_cli_messages(tmp_path):
         (np.zeros((4, 8, 8), np.int32), [0, 1, 0, 1], "int32"),
         (np.zeros((4, 3, 8, 8), np.uint8), [0, 1, 0, 1], "channels last"),
         (np.zeros((4, 8, 8), np.uint8), [0, 1, 0], "4 images but 3 labels"),
-        (np.zeros((4, 8, 8), np.uint8), [0, 2, 0, 2], "a class has no images"),
+        (np.zeros((4, 8, 8), np.uint8), [0, 2, 0, 2], "class '1' has no images"),
     ],
 )
 def test_bad_arrays_are_refused_before_the_run_dir_exists(tmp_path, images, labels, words):

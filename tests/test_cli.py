@@ -160,6 +160,7 @@ def test_show_prints_the_ledger_stages_plan_and_where_pretraining_stopped(tmp_pa
     assert "9.940 of 10" in out and "9 / 14" in out  # composed ε; DP-SGD steps released of booked
     assert "2935 pretraining steps, 14 DP-SGD steps" in out and "11.0 minutes left" in out
     assert "stopped early at step 2875" in out and "pretraining_images=7040" in out
+    assert "ran all its steps" not in out and "trained on" not in out
     done = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in out.splitlines() if line.count("│") > 5}
     assert done["semantics"] == "yes" and done["finetune"] == "no" and done["warmstart"] == "no"
     assert "12345" not in out and "98765" not in out  # metrics.json and private/ are never read

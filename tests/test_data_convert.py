@@ -11,7 +11,8 @@ from PIL import Image
 
 from privimage.api import _labelled, _write_private_npz
 from privimage.data import ImageDataset, load_dataset
-from privimage.data.convert import hf_columns, label_array, uint8_image, uint8_images
+from privimage.data.checks import label_array, uint8_image, uint8_images
+from privimage.data.convert import hf_columns
 from privimage.data.formats import _hf_source
 from privimage.errors import UserError
 
@@ -70,8 +71,8 @@ def test_labels_as_integers_or_names():
     "labels, names, count, words",
     [
         ([0, 1, -1], ["a", "b"], 3, "labels below 0 \\(Hugging Face marks an unlabelled image -1\\)"),
-        ([0, 2, 0], None, 3, "a class has no images"),
-        ([0, 1, 0], ["a", "b", "c"], 3, "a class has no images"),
+        ([0, 2, 0], None, 3, "class '1' has no images"),
+        ([0, 1, 0], ["a", "b", "c"], 3, "class 'c' has no images"),
         ([0, 2], ["a", "b"], 2, "labels must be 0..1, one per class of class_names"),
         ([0, 1], None, 3, "3 images but 2 labels"),
         ([0.0, 1.0], None, 2, "labels are float64"),
@@ -149,7 +150,7 @@ CASES = {
                                 "label": (CAT_DOG, [0, 1, 0, 1])}, "channels last"),
     "ClassLabel -1": ({"img": (Image_(), PHOTOS), "label": (CAT_DOG, [0, 1, -1, 1])}, "labels below 0"),
     "ClassLabel with an empty class": ({"img": (Image_(), PHOTOS),
-                                        "label": (ClassLabel(names=["a", "b", "c"]), [0, 1, 0, 1])}, "a class has no images"),
+                                        "label": (ClassLabel(names=["a", "b", "c"]), [0, 1, 0, 1])}, "class 'c' has no images"),
     "label column under another name": ({"img": (Image_(), PHOTOS), "fine_label": (Value("int64"), [0, 1, 0, 1])},
                                         "no label column .* among fine_label"),
     "no image column": ({"path": (Value("string"), ["a.png"] * 4), "label": (CAT_DOG, [0, 1, 0, 1])},

@@ -236,8 +236,8 @@ GOOD_IMAGES = np.zeros((3, 8, 8), np.uint8)
     [
         (dict(labels=[0, 1, 0]), "no images array"),
         (dict(images=GOOD_IMAGES), "no labels array"),
-        (dict(images=GOOD_IMAGES, labels=[0, 5, 1], class_names=["a", "b"]), "labels reach 5 .* 2 class_names"),
-        (dict(images=GOOD_IMAGES, labels=[0, -1, 1]), "negative labels"),
+        (dict(images=GOOD_IMAGES, labels=[0, 5, 1], class_names=["a", "b"]), "labels must be 0..1, one per class of class_names"),
+        (dict(images=GOOD_IMAGES, labels=[0, -1, 1]), "labels below 0"),
         (dict(images=GOOD_IMAGES, labels=[0, 1]), "3 images but 2 labels"),
         (dict(images=GOOD_IMAGES, labels=[0, 2, 0]), "class '1' has no images"),
         (dict(images=GOOD_IMAGES, labels=[0, 1, 0], class_names=["a", "b", "c"]), "class 'c' has no images"),

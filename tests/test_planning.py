@@ -360,3 +360,20 @@ def test_the_early_stop_ignores_the_first_steps_and_never_stops_below_the_floor(
     assert target(25, 25, 60.0) == plan.pretrain_steps  # the first check only starts the pace's clock, however slow
     assert target(50, 50, 61.0) == 100  # late, but not below the floor
     assert target(150, 150, 62.0) == 150  # late: stop now
+
+
+def test_a_resumed_pretraining_never_trains_on(tmp_path):
+    """A resumed process starts a new budget clock with the whole budget ahead: it keeps plan.json's steps."""
+    cfg = load_config(None, None, ["minutes=15"])
+    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
+                              num_samples=4000)
+
+    class Stub:  # a fast machine with the whole budget left
+        def seconds_left(self):
+            return 900.0
+
+    Stub.plan, Stub.cfg = plan, cfg
+    fresh, resumed = pretrain_stage._budget_check(Stub()), pretrain_stage._budget_check(Stub())
+    fresh(25, 25, 1.0), resumed(525, 25, 1.0)  # the first check starts the pace's clock
+    assert fresh(50, 50, 2.0) > plan.pretrain_steps
+    assert resumed(550, 50, 2.0) == plan.pretrain_steps

@@ -30,7 +30,8 @@ from PIL import Image
 
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
-from privimage.data.convert import Labelled, class_indices, labelled_arrays
+from privimage.data.checks import class_indices
+from privimage.data.convert import UserArrays, labelled_arrays
 from privimage.stages.registry import MODEL_MODULES
 from privimage.stages.sample import safe_folder_name
 from privimage.errors import UserError
@@ -99,7 +100,7 @@ class PrivImage:
         keys = {name.replace("__", "."): value for name, value in overrides.items()}
         return cls.from_config(load_config(overrides=keys, saved=out / "config.yaml"), out)
 
-    def _use(self, cfg: DictConfig, out: Path, pending: dict[str, Labelled] | None = None,
+    def _use(self, cfg: DictConfig, out: Path, pending: dict[str, UserArrays] | None = None,
              split_key: bytes | None = None) -> None:
         self.cfg, self.out = cfg, out
         self.pipeline = Pipeline(cfg, out, split_key)  # touches nothing on disk until a stage runs
@@ -208,7 +209,7 @@ class PrivImage:
         self.run(stages[: stages.index(self.pipeline.method.model_stage) + 1])
         return self
 
-    def _with_data(self, data: dict[str, str | Labelled]) -> None:
+    def _with_data(self, data: dict[str, str | UserArrays]) -> None:
         """Point `data.*` at the given data; in-memory sets become files in private/ (0700) at the first run."""
         private = RunDir(self.out).private.absolute()  # config.yaml finds them from any working directory
         in_memory = {key: value for key, value in data.items() if isinstance(value, tuple)}
@@ -340,7 +341,7 @@ def _with_data_keys(cfg: DictConfig, data: dict[str, str]) -> DictConfig:
 # -- in-memory data -> arrays (data/convert.py) ----------------------------------------------------
 def _labelled(
     images: Data, labels: Any, class_names: Sequence[str] | None, resolution: int, channels: int
-) -> str | Labelled:
+) -> str | UserArrays:
     """A path or built-in name as it is; any in-memory form as (uint8 N×H×W×C, int64 labels, names)."""
     if isinstance(images, (str, os.PathLike)):
         if labels is not None or class_names is not None:
@@ -358,7 +359,7 @@ def _test_parts(test: Any, train_names: tuple[str, ...] | None) -> tuple[Any, An
     return test, None, None
 
 
-def _write_private_npz(path: Path, data: Labelled) -> None:
+def _write_private_npz(path: Path, data: UserArrays) -> None:
     """Write atomically, readable by the owner alone (0600): these are the sensitive images."""
     images, labels, names = data
     arrays = {"images": images, "labels": labels} | ({"class_names": np.array(names)} if names else {})
@@ -366,7 +367,7 @@ def _write_private_npz(path: Path, data: Labelled) -> None:
         np.savez(fh, **arrays)
 
 
-def _same_data(path: Path, data: Labelled) -> bool:
+def _same_data(path: Path, data: UserArrays) -> bool:
     """Whether `path` holds exactly these arrays (a missing file holds none)."""
     if not path.is_file():
         return False

@@ -271,7 +271,7 @@ def _plan_lines(run: RunDir, plan: dict | None) -> list[str]:
         lines.append("probe, seconds per unit: " + ", ".join(f"{k} {v:.3g}" for k, v in plan["throughput"].items()))
     if stopped is not None:
         lines.append(f"pretraining stopped early at step {stopped}, to keep the time budget")
-    if trained_on is not None:
+    elif trained_on is not None:
         lines.append(f"pretraining trained on to step {trained_on}: the machine ran faster than planned")
     elif marker.exists():
         lines.append("pretraining ran all its steps")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 class Stage:
     name: str
     description: str  # one line: what it does (its command's help)
-    # Config sections the stage reads, beyond its upstream stages: they decide when it is stale.
+    # Config sections (or dotted keys) the stage reads, beyond its upstream stages: they decide when it is stale.
     config_keys: tuple[str, ...]
     spends_privacy: bool = False
     # Whether the whole stage reads sensitive data, so that the budget's clock counts it at its planned
@@ -29,8 +29,8 @@ class Stage:
     repeatable_release: bool = False
     # Whether it fits a DP-MERF generator to its release (merf.Generator, which upsamples twice).
     fits_generator: bool = False
-    # Whether its step count follows the budget's clock: public work, planned again when it starts and
-    # stopped early when late (planning.replan_pretraining). Pretraining only.
+    # Whether its step count follows the budget's clock: public work, planned again when it starts,
+    # stopped early when late and trained on when fast (planning.pretraining_target). Pretraining only.
     follows_clock: bool = False
     # Whether a pretraining that runs late must leave time for it (planning.AFTER_PRETRAINING).
     after_pretraining: bool = False
@@ -40,12 +40,16 @@ class Stage:
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
 
 
+# The keys of the dpmerf section the warm start reads: its features and generator, not its `steps`.
+WARM_START_DPMERF_KEYS = ("features", "length_scale", "per_class", "lr", "code_dim", "width", "bf16")
+
 # In the order they run.
 STAGE_TABLE: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("semantics", "Train the semantic classifier on public data, query it with DP, select semantics.",
           ("data", "semantics", "seed", "method"), spends_privacy=True, repeatable_release=True),
     Stage("warmstart", "A DP-MERF release (warm_start.epsilon_share of ε) whose generator's images join pretraining.",
-          ("warm_start", "dpmerf", "privacy", "seed"), spends_privacy=True, fits_generator=True,
+          ("warm_start", *(f"dpmerf.{key}" for key in WARM_START_DPMERF_KEYS), "privacy", "seed"),
+          spends_privacy=True, fits_generator=True,
           enabled=lambda cfg: cfg.warm_start.epsilon_share > 0),
     Stage("pretrain", "Pretrain the diffusion model on the selected public images (and the warm start's).",
           ("model", "pretrain"), follows_clock=True),

@@ -327,7 +327,7 @@ class Pipeline:
     def stage_fingerprint(self, stage: str) -> str:
         upstream = [self.stage_fingerprint(s) for s in self.stages_before(stage)]
         keys = STAGE_TABLE[stage].config_keys
-        return fingerprint(upstream, [self.cfg[k] if k in self.cfg else None for k in keys],
+        return fingerprint(upstream, [OmegaConf.select(self.cfg, k) for k in keys],
                            self.cfg.data, self.cfg.method)
 
     def is_done(self, stage: str) -> bool:

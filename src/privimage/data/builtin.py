@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from privimage.data.checks import Labelled
 from privimage.data.geometry import fit_to_box, mnist_normalise, resize_batch
 from privimage.data.glyphs import GLYPH_CLASSES, render_glyphs
 from privimage.data.strokes import MASTER_BOX, Jitter, centre_on_master, draw, pen_fields
@@ -47,10 +48,6 @@ ANIMAL_INSTALL = "pip install --no-deps animal-mnist==0.4"
 MNIST_SIZE, ANIMALS_SIZE, UCI_SIZE = 5000, 10000, 1797
 _UCI_CELL_PX = 8  # one UCI pixel after upscaling 8x8 to 64x64
 UCI_SEED = 0  # the pen jitter of the redrawn UCI digits: fixed, part of the dataset
-
-# Grayscale images N×r×r uint8, int64 labels, class names.
-Labelled = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
-
 
 @dataclass(frozen=True)
 class BuiltinInfo:

@@ -1,7 +1,6 @@
 """In-memory images and labels as the project's arrays: uint8 N×H×W×C images, int64 labels 0..K-1.
 
-One validator for pixel arrays (`uint8_images`, `uint8_image`), one for labels (`label_array`) and one
-finder for a Hugging Face dataset's image and label columns (`hf_columns`, `hf_labels`), shared by
+The pixel and label checks are data/checks.py's; here is the one finder for a Hugging Face dataset's image and label columns (`hf_columns`, `hf_labels`), shared by
 the API's `fit` (arrays, torch Datasets, Hugging Face datasets in memory) and by the loader of a
 saved Hugging Face dataset (data/formats.py), so both accept and refuse the same datasets.
 """
@@ -15,18 +14,19 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
+from privimage.data.checks import class_indices, label_array, uint8_image, uint8_images
 from privimage.data.user import convert_image, fit_images
 from privimage.errors import UserError
 
-# Images held in memory: uint8 N×H×W×C (any one H, W, C), int64 labels, class names (None: "0".."K-1").
-Labelled = tuple[np.ndarray, np.ndarray, Union[tuple[str, ...], None]]
+# Images as a user gave them: uint8 N×H×W×C (any one H, W, C), int64 labels, class names (None: "0".."K-1").
+UserArrays = tuple[np.ndarray, np.ndarray, Union[tuple[str, ...], None]]
 
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values")  # looked for when no column is a datasets.Image
 LABEL_COLUMN_NAMES = ("label", "labels")  # looked for when no column is a datasets.ClassLabel
 
 
 def labelled_arrays(images: Any, labels: Any, class_names: Sequence[str] | None, resolution: int,
-                    channels: int) -> Labelled:
+                    channels: int) -> UserArrays:
     """An array of images, a torch Dataset of (image, label) or a Hugging Face dataset as arrays.
 
     Images of one size keep it (the pipeline resizes them when it loads them); images of mixed
@@ -46,41 +46,6 @@ def labelled_arrays(images: Any, labels: Any, class_names: Sequence[str] | None,
 
 
 # -- pixels ----------------------------------------------------------------------------------------
-def uint8_images(images: np.ndarray, what: str) -> np.ndarray:
-    """N×H×W[×C] uint8, or floats in [0, 1], as uint8 N×H×W×C (C 1 or 3)."""
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
-        raise UserError(f"{what} have shape {images.shape}: give N×H×W or N×H×W×C with C 1 or 3 (channels last)")
-    return _uint8_values(images, what)
-
-
-def uint8_image(image: Any, what: str, dtype: np.dtype | None = None) -> np.ndarray:
-    """One H×W[×C] image, uint8 or floats in [0, 1], as uint8 H×W×C. `dtype`: the values' type where
-    their container does not keep it (nested lists)."""
-    image = np.asarray(image, dtype)
-    if image.ndim == 2:
-        image = image[..., None]
-    if image.ndim != 3 or image.shape[-1] not in (1, 3) or 0 in image.shape:
-        raise UserError(f"{what} have shape {image.shape}: give H×W or H×W×C with C 1 or 3 (channels last)")
-    return _uint8_values(image, what)
-
-
-def _uint8_values(pixels: np.ndarray, what: str) -> np.ndarray:
-    """uint8 as it is; floats in [0, 1] scaled to 0..255. Anything else would be a guess: refused.
-
-    Floats in 0..255 are refused rather than guessed from their maximum: a dark image in 0..255
-    would read as a bright one in [0, 1].
-    """
-    if pixels.dtype == np.uint8:
-        return pixels
-    if not np.issubdtype(pixels.dtype, np.floating):
-        raise UserError(f"{what} are {pixels.dtype}: give uint8 values 0..255 or floats in [0, 1]")
-    if not (np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1):
-        raise UserError(f"{what} are floats outside [0, 1]: scale them to [0, 1], or give uint8 values 0..255")
-    return np.rint(pixels * 255).astype(np.uint8)
-
-
 def pil_or_array(image: Any, channels: int, what: str, dtype: np.dtype | None = None) -> np.ndarray:
     """A PIL image in any mode (converted to `channels`) or an H×W[×C] array (of `dtype`, if given),
     as uint8 H×W×C."""
@@ -115,59 +80,6 @@ def _torch_dataset(dataset: torch.utils.data.Dataset, labels: Any, resolution: i
     if not pixels:
         raise UserError("the torch Dataset is empty: give at least one image per class")
     return stacked(pixels, resolution, channels), found
-
-
-# -- labels ----------------------------------------------------------------------------------------
-def label_array(labels: Any, class_names: Sequence[str] | None, count: int) -> tuple[np.ndarray, tuple | None]:
-    """Integer labels 0..K-1 (or class names), checked against the images and each other.
-
-    No labels: one class (named by `class_names`, else "images"). Integer labels without names come
-    back with names None, meaning "0".."K-1".
-    """
-    if count == 0:
-        raise UserError("the dataset holds no images: give at least one image per class")
-    if labels is None:
-        names = tuple(class_names or ("images",))
-        if len(names) != 1:
-            raise UserError(f"{len(names)} class_names but no labels: give labels=, one per image, or one class name")
-        return np.zeros(count, np.int64), names
-    labels = np.asarray(labels)
-    if labels.dtype.kind in "USO":
-        names = tuple(class_names) if class_names is not None else tuple(sorted({str(x) for x in labels}))
-        labels = class_indices(labels, names, count)
-        return labels, names
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"labels are {labels.dtype} of shape {labels.shape}: give a 1-D array of integers or class names")
-    if len(labels) != count:
-        raise UserError(f"{count} images but {len(labels)} labels: give one label per image")
-    names = tuple(str(x) for x in class_names) if class_names is not None else None
-    top = len(names) if names is not None else labels.max() + 1
-    if labels.min() < 0:
-        raise UserError("labels below 0 (Hugging Face marks an unlabelled image -1): drop those images, or "
-                        "number the classes 0..K-1")
-    if labels.max() >= top:
-        raise UserError(f"labels must be 0..{top - 1}, one per class"
-                        + (" of class_names" if names is not None else "") + ": renumber them")
-    if (np.bincount(labels, minlength=top) == 0).any():
-        raise UserError("a class has no images: number the classes 0..K-1 with no gaps, or drop the empty class "
-                        "from class_names")
-    return labels.astype(np.int64), names
-
-
-def class_indices(labels: Any, names: tuple[str, ...], count: int) -> np.ndarray:
-    """Labels given as indices or class names, as int64 indices into `names`."""
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or len(labels) != count:
-        raise UserError(f"labels have shape {labels.shape}: give one label per image ({count})")
-    if labels.dtype.kind in "USO":
-        position = {name: index for index, name in enumerate(names)}
-        unknown = sorted({str(x) for x in labels} - set(position))
-        if unknown:
-            raise UserError(f"unknown class names {', '.join(unknown[:5])}: the classes are {', '.join(names[:10])}")
-        return np.array([position[str(x)] for x in labels], np.int64)
-    if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(names):
-        raise UserError(f"labels must be class indices 0..{len(names) - 1} or class names")
-    return labels.astype(np.int64)
 
 
 # -- Hugging Face datasets -------------------------------------------------------------------------
@@ -237,7 +149,7 @@ def hf_dtype(dataset: Any, column: str) -> np.dtype | None:
         return None
 
 
-def _hugging_face(dataset: Any, labels: Any, class_names: Any, resolution: int, channels: int) -> Labelled:
+def _hugging_face(dataset: Any, labels: Any, class_names: Any, resolution: int, channels: int) -> UserArrays:
     """A Hugging Face dataset in memory: its image column and its label column (unless `labels` are given)."""
     image_column, label_column = hf_columns(dataset, need_labels=labels is None)
     images = dataset[image_column]  # read once: older `datasets` decode every image on access

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
+from privimage.data.checks import Labelled, label_array, uint8_images
 from privimage.data.geometry import square_resize
 from privimage.errors import UserError
 
@@ -29,9 +30,6 @@ NPZ_HELP = "save it with numpy.savez(path, images=uint8 N×H×W[×C], labels=int
 ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 CHUNK_IMAGES = 4096  # images decoded per chunk: the memory a large folder needs while it is read
 POOL_MIN_IMAGES = 2048  # smaller folders decode in this process: a pool would take longer to start
-
-# Images N×r×r×C uint8, int64 labels, class names.
-Labelled = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
 
 
 def _visible(path: Path) -> bool:
@@ -158,14 +156,10 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 
 
 def _npz_images(path: Path, images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
-    """Validate the images array and bring it to N×resolution×resolution×channels."""
+    """The images array, uint8 only (a file states its type), as N×resolution×resolution×channels."""
     if images.dtype != np.uint8:
         raise UserError(f"{path}: images are {images.dtype}, not uint8: store values 0..255 as np.uint8")
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or 0 in images.shape:
-        raise UserError(f"{path}: images have shape {images.shape}: store N×H×W or N×H×W×C with C 1 or 3")
-    return fit_images(images, resolution, channels)
+    return fit_images(uint8_images(images, f"{path}: images"), resolution, channels)
 
 
 def fit_images(images: np.ndarray, resolution: int, channels: int) -> np.ndarray:
@@ -181,32 +175,16 @@ def fit_images(images: np.ndarray, resolution: int, channels: int) -> np.ndarray
 def _npz_labels(
     path: Path, labels: np.ndarray, count: int, names: np.ndarray | None
 ) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Check the labels (and class names) against each other and the image count."""
-    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: labels are {labels.dtype} of shape {labels.shape}: store a 1-D integer array")
-    labels = labels.astype(np.int64)
-    if len(labels) != count:
-        raise UserError(f"{path}: {count} images but {len(labels)} labels: store one label per image")
-    if labels.min() < 0:
-        raise UserError(f"{path}: negative labels: number the classes 0..K-1")
-    if names is not None:
-        if names.ndim != 1 or names.dtype.kind not in "US":
-            raise UserError(f"{path}: class_names must be a 1-D array of strings")
-        class_names = tuple(str(name) for name in names.tolist())
-        if labels.max() >= len(class_names):
-            raise UserError(
-                f"{path}: labels reach {labels.max()} but there are {len(class_names)} class_names: "
-                "number the classes 0..K-1 or add their names"
-            )
-    else:
-        class_names = tuple(str(label) for label in range(labels.max() + 1))
-    empty = np.flatnonzero(np.bincount(labels, minlength=len(class_names)) == 0)
-    if len(empty):
-        raise UserError(
-            f"{path}: class {class_names[empty[0]]!r} has no images: number the classes 0..K-1 with no gaps, "
-            "or drop the empty class from class_names"
-        )
-    return labels, class_names
+    """Check the labels (and class names) against each other and the image count (data/convert.py)."""
+    if names is not None and (names.ndim != 1 or names.dtype.kind not in "US"):
+        raise UserError(f"{path}: class_names must be a 1-D array of strings")
+    if labels.dtype.kind in "USO":
+        raise UserError(f"{path}: labels are {labels.dtype}: store a 1-D integer array (names in class_names)")
+    try:
+        labels, class_names = label_array(labels, None if names is None else names.tolist(), count)
+    except UserError as error:
+        raise UserError(f"{path}: {error}") from None
+    return labels, class_names or tuple(str(label) for label in range(labels.max() + 1))
 
 
 def load_npz(path: Path, resolution: int, channels: int) -> Labelled:

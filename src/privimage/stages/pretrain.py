@@ -252,7 +252,8 @@ def _budget_check(pipeline: Pipeline) -> Callable[[int, int, float], int] | None
 
     Its pace is measured from the first check on: the first steps warm caches and allocators up and
     would read as a slow machine. It trains on past its planned steps only under a constant learning
-    rate, whose schedule more steps do not change."""
+    rate, whose schedule more steps do not change, and only in a run that pretrains from its first step:
+    a resumed run starts a new clock with the whole budget ahead, so it keeps the steps plan.json holds."""
     if pipeline.plan is None:
         return None
     plan, first = pipeline.plan, None
@@ -264,7 +265,7 @@ def _budget_check(pipeline: Pipeline) -> Callable[[int, int, float], int] | None
             first = (steps, seconds)
             return plan.pretrain_steps
         return pretraining_target(plan, pipeline.seconds_left(), done, steps - first[0], seconds - first[1],
-                                  may_extend=may_extend)
+                                  may_extend=may_extend and done == steps)
 
     return target
 
