@@ -49,15 +49,17 @@ def test_the_warm_start_generator_is_planned_at_its_configured_steps():
     assert sum(plan.expected_seconds.values()) <= 900.0
 
 
-def test_a_budget_too_small_for_the_floors_trims_evaluation_then_refuses_naming_the_minutes_needed():
-    cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0, uses_pretraining=True,
-                              num_samples=4000)
-    assert plan.evaluation == {}  # room for everything: nothing trimmed
+def test_optional_evaluation_is_trimmed_while_the_recipe_does_not_fit_then_the_run_refuses_naming_the_minutes():
+    cfg = load_config(None, None, ["minutes=15", "evaluate.reference=true"])
+    common = dict(uses_pretraining=True, num_samples=4000)
+    roomy = planning.make_plan(cfg, THROUGHPUT, 3600.0, semantics_seconds=60.0, **common)
+    assert roomy.evaluation == {} and roomy.pretrain_steps >= cfg.pretrain.steps  # the recipe fits beside it all
     slow = {k: 2.5 * v for k, v in THROUGHPUT.items()}  # a machine 2.5x slower
-    trimmed = planning.make_plan(cfg, slow, 900.0, semantics_seconds=150.0, uses_pretraining=True, num_samples=4000)
+    trimmed = planning.make_plan(cfg, slow, 900.0, semantics_seconds=150.0, **common)
+    assert trimmed.pretrain_steps < cfg.pretrain.steps  # trimmed because the recipe did not fit ...
+    assert list(trimmed.evaluation) == list(planning.EVALUATION_TRIMS)[:len(trimmed.evaluation)]  # ... in order
+    assert trimmed.evaluation["reference"] is False
     assert trimmed.pretrain_steps >= cfg.pretrain.min_steps and trimmed.finetune_steps >= cfg.finetune.min_steps
-    assert trimmed.evaluation == {"reference": False, "fid": False}  # the optional evaluation went first
     assert trimmed.overrides()["evaluate"] == trimmed.evaluation
     assert sum(trimmed.expected_seconds.values()) <= 900.0
     with pytest.raises(UserError, match=r"--minutes (\d+)") as refused:

@@ -8,9 +8,11 @@ Fixed-size work (the semantic classifier, the warm start's generator, sampling `
 evaluation) is planned at its configured size. What remains of the budget, less a safety margin, goes to
 pretraining and DP fine-tuning, whose configured step counts are scaled by one common factor: the
 configured recipe keeps its proportions and grows or shrinks with the machine. Neither goes below its
-floor (`pretrain.min_steps`, `finetune.min_steps`): where the floors do not fit, optional evaluation is
-trimmed first (the real-data reference, FID, then every classifier but the first), and where they still
-do not fit the run is refused, naming the minutes this machine needs.
+floor (`pretrain.min_steps`, `finetune.min_steps`). Accuracy follows the training steps, so optional
+evaluation (the real-data reference, FID, then every classifier but the first) is trimmed for as long as
+the configured steps do not fit; where even the floors do not fit without it, the run is refused, naming
+the minutes this machine needs. A trimmed measure can be had later: `privimage evaluate --out DIR
+minutes=null evaluate.fid=true` (the planned steps are in the run's config.yaml).
 
 The budget's clock (`BudgetClock`) counts work that reads sensitive data at its planned seconds, never
 at its measured ones. So the plan, DP-SGD's T and σ, pretraining's replanned steps and where it stops
@@ -56,8 +58,8 @@ STOP_MARGIN = 0.02  # of the budget, kept when pretraining stops early or trains
 AFTER_PRETRAINING = tuple(name for name, stage in STAGE_TABLE.items() if stage.after_pretraining)
 REPORT_SECONDS = 5.0
 PROBE_IMAGES = 128
-# Optional evaluation, dropped in this order where the training floors do not fit the budget: the owner's
-# real-data reference, FID, then every downstream classifier but the first (the headline CNN stays).
+# Optional evaluation, dropped in this order where the configured training steps do not fit the budget: the
+# owner's real-data reference, FID, then every downstream classifier but the first (the headline CNN stays).
 EVALUATION_TRIMS = ("reference", "fid", "classifiers")
 
 
@@ -252,20 +254,23 @@ def _trimmed(evaluate: DictConfig, key: str) -> dict:
 def make_plan(cfg: DictConfig, throughput: dict[str, float], seconds_left: float, *, semantics_seconds: float,
               uses_pretraining: bool, num_samples: int) -> Plan:
     """Scale the configured pretraining and DP-SGD steps so that the run ends within `seconds_left`, each at
-    least its floor; trim optional evaluation, or refuse, where the floors do not fit."""
+    least its floor. Accuracy follows the training steps, so optional evaluation is trimmed, in the order
+    of EVALUATION_TRIMS, for as long as the configured recipe does not fit; where even the floors do not
+    fit without it, the run is refused."""
     pretrain_steps = cfg.pretrain.steps if uses_pretraining else 0
     pretrain_floor = min(cfg.pretrain.min_steps, pretrain_steps) if uses_pretraining else 0
     sample_rate, dp_steps = finetune_schedule(cfg, num_samples)
     finetune_floor = max(1, min(cfg.finetune.min_steps, dp_steps))
     step, dp_step = throughput["pretrain_step"], sample_rate * num_samples * throughput["dp_sample"]
     floors = pretrain_floor * step + finetune_floor * dp_step
+    recipe = pretrain_steps * step + dp_steps * dp_step
     evaluation = {}
-    for trim in (None, *EVALUATION_TRIMS):
+    for trim in (None, *EVALUATION_TRIMS):  # learning first: optional measures only where the recipe fits
         if trim is not None:
             evaluation |= _trimmed(OmegaConf.merge(cfg.evaluate, evaluation), trim)
         expected = _fixed_seconds(OmegaConf.merge(cfg, {"evaluate": evaluation}), throughput, semantics_seconds)
         trainable = SAFETY * seconds_left - sum(expected.values())
-        if trainable >= floors:
+        if trainable >= recipe:
             break
     if trainable < floors:
         spent = 60 * cfg.minutes - seconds_left
