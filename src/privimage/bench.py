@@ -153,8 +153,10 @@ def bench_markdown(rows: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     note = ("\nEqual minutes for every method (`budget`), spent its own way; dpmerf runs its configured steps, "
             "whatever the budget. Accuracy: classifiers trained on the synthetic set without augmentation, tested "
-            "on the real test split. `stages (min)`: the stages' wall time, without data loading and the planner's "
-            "probe. `–`: not measured (e.g. `evaluate.fid=false`) or stage not part of the method; `cached`: the "
+            "on the real test split. `stages (min)` and the stage columns: seconds on each run's budget clock, without "
+            "data loading and the planner's probe, where work that reads sensitive data counts at its planned "
+            "seconds (none without a plan, as for dpmerf; measured seconds stay in each run's `private/timings.json`). "
+            "`–`: not measured (e.g. `evaluate.fid=false`) or stage not part of the method; `cached`: the "
             "model pretrained by an earlier run on the same public images with the same settings was reused.\n")
     return "\n".join(lines) + "\n" + note + margin_markdown(rows, classifiers)
 
