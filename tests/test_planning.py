@@ -181,15 +181,20 @@ def test_a_run_validated_long_before_it_starts_still_gets_its_whole_budget(tmp_p
     pipeline.close()
 
 
-def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_stages_after_it():
+def replanned_with_800_seconds_left():
+    """The default's plan, replanned with 800 s left: it, its planned step, the stages after pretraining's
+    seconds, the stop margin and half its pretraining steps."""
     cfg = load_config(None, None, ["minutes=15"])
     plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
                               uses_pretraining=True, num_samples=4000)
     plan = planning.replan_pretraining(plan, 800.0, {"semantics": plan.expected_seconds["semantics"]})
-    step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
-    after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
-    margin = planning.STOP_MARGIN * 60 * plan.minutes
-    half = plan.pretrain_steps // 2
+    after = sum(plan.expected_seconds[s] for s in planning.AFTER_PRETRAINING)
+    return (plan, plan.expected_seconds["pretrain"] / plan.pretrain_steps, after,
+            planning.STOP_MARGIN * 60 * plan.minutes, plan.pretrain_steps // 2)
+
+
+def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_stages_after_it():
+    plan, step, after, margin, half = replanned_with_800_seconds_left()
 
     def target(seconds_left, seconds_timed, may_extend=False):
         return planning.pretraining_target(plan, seconds_left, half, half, seconds_timed, may_extend=may_extend)
@@ -208,14 +213,7 @@ def test_pretraining_stops_early_only_when_its_own_pace_leaves_no_time_for_the_s
 
 
 def test_pretraining_trains_on_into_the_seconds_its_pace_saved_only_under_a_constant_rate():
-    cfg = load_config(None, None, ["minutes=15"])
-    plan = planning.make_plan(cfg, THROUGHPUT, 900.0, semantics_seconds=60.0,
-                              uses_pretraining=True, num_samples=4000)
-    plan = planning.replan_pretraining(plan, 800.0, {"semantics": plan.expected_seconds["semantics"]})
-    step = plan.expected_seconds["pretrain"] / plan.pretrain_steps
-    after = sum(plan.expected_seconds[s] for s in ("finetune", "sample", "evaluate", "report"))
-    margin = planning.STOP_MARGIN * 60 * plan.minutes
-    half = plan.pretrain_steps // 2
+    plan, step, after, margin, half = replanned_with_800_seconds_left()
     # Half the steps done at 0.8x the planned pace, on the planned clock: the rest costs 0.8x too.
     left = 800.0 - 0.8 * half * step
     fast = planning.pretraining_target(plan, left, half, half, 0.8 * half * step, may_extend=True)
