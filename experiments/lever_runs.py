@@ -16,6 +16,7 @@ import torch
 from privimage.config import load_config
 from privimage.data import ImageDataset
 from privimage.evaluation.downstream import downstream_accuracy
+from privimage.evaluation.public_share import public_share
 from privimage.pipeline import Pipeline
 from privimage.rundir import RunDir
 from privimage.builders import load_denoiser
@@ -40,6 +41,13 @@ def cnn_accuracy(pipeline: Pipeline, synthetic: ImageDataset, real: ImageDataset
     cfg = pipeline.cfg
     return downstream_accuracy(synthetic, real.images, real.labels, classifiers=["cnn"],
                                epochs=cfg.evaluate.classifier_epochs, seed=cfg.seed, progress=False)["cnn"]
+
+
+def public_share_of(pipeline: Pipeline, synthetic: ImageDataset) -> float:
+    """The share of `synthetic` that the evaluate stage's public-vs-sensitive CNN calls public (a private
+    measure: it trains on the sensitive training split)."""
+    return public_share(pipeline.public.images, pipeline.sensitive_train.images, {"synthetic": synthetic.images},
+                        seed=pipeline.cfg.seed, device=str(pipeline.device))["synthetic"]
 
 
 def diffusion_samples(pipeline: Pipeline, model: Path) -> ImageDataset:

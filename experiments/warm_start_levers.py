@@ -11,7 +11,8 @@ test split (`--split test`, for a final choice only).
       pretrain.steps=1000 finetune.steps=90 sample.steps=10 [warm_start.samples=10000 warm_start.generator_steps=200 ...]
 `--until warmstart` scores the generator alone, its images median-filtered as pretraining sees them (a minute
 or two: the quick way to compare releases).
-Prints one JSON line: the variant, the three accuracies, ε spent, stage seconds.
+Prints one JSON line: the variant, the three accuracies and public shares (lever_runs.public_share_of), ε spent,
+stage seconds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base
+from lever_runs import add_arguments, cnn_accuracy, diffusion_samples, open_on_base, public_share_of
 from privimage.atomic import read_json
 from privimage.stages.dpmerf import generator_images, load_generator
 from privimage.builders import MODEL_FILE
@@ -35,23 +36,26 @@ def main() -> None:
     args = parser.parse_args()
     pipeline, real = open_on_base(args)
     cfg, device, names = pipeline.cfg, pipeline.device, pipeline.sensitive_train.class_names
-    accuracy, seconds = {}, {}
+    accuracy, share, seconds = {}, {}, {}
+
+    def score(name, synthetic):
+        accuracy[name] = cnn_accuracy(pipeline, synthetic, real)
+        share[name] = round(public_share_of(pipeline, synthetic), 4)
+
     for stage in STAGES[:STAGES.index(args.until) + 1]:
         seconds[stage] = round(pipeline.run_stage(stage).seconds, 1)
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
             drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
-            filtered = despeckle(drawn, cfg.warm_start.median_filter)  # as pretraining sees them
-            accuracy["generator"] = cnn_accuracy(pipeline, filtered, real)
+            score("generator", despeckle(drawn, cfg.warm_start.median_filter))  # as pretraining sees them
         elif stage == "pretrain":
-            accuracy["pretrained"] = cnn_accuracy(pipeline, diffusion_samples(pipeline, pipeline.run.pretrain_dir
-                                                                              / MODEL_FILE), real)
+            score("pretrained", diffusion_samples(pipeline, pipeline.run.pretrain_dir / MODEL_FILE))
         elif stage == "finetune":
-            accuracy["finetuned"] = cnn_accuracy(pipeline, diffusion_samples(pipeline, pipeline.run.finetune_dir
-                                                                             / MODEL_FILE), real)
+            score("finetuned", diffusion_samples(pipeline, pipeline.run.finetune_dir / MODEL_FILE))
     pipeline.close()
     print(json.dumps({"out": str(args.out), "overrides": args.overrides, "split": args.split, "accuracy": accuracy,
-                      "epsilon": read_json(pipeline.run.ledger)["spent"]["epsilon"], "seconds": seconds}), flush=True)
+                      "public_share": share, "epsilon": read_json(pipeline.run.ledger)["spent"]["epsilon"],
+                      "seconds": seconds}), flush=True)
 
 
 if __name__ == "__main__":
