@@ -175,10 +175,10 @@ def test_sample_to_folder(example, tmp_path):
 
 def test_keywords_map_onto_config_keys_with_the_cli_messages(tmp_path):
     model = PrivImage(epsilon=3, public="public-mix", preset="quick", out=tmp_path / "r", minutes=4,
-                      finetune__steps=60, sample__guidance=0.5)
+                      finetune__steps=60, sample__guidance=2.0)
     cfg = model.cfg
     assert (cfg.privacy.epsilon, cfg.data.public, cfg.minutes, cfg.finetune.steps, cfg.sample.guidance) == (
-        3, "public-mix", 4, 60, 0.5)
+        3, "public-mix", 4, 60, 2.0)
     assert PrivImage(preset="quick", out=tmp_path / "r").cfg.data.public == "glyphs"  # None keeps the preset's
     for kwargs, words in (({"epsilon": -1}, "privacy.epsilon must be a number > 0"),
                           ({"minutes": 0}, "minutes must be a number"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from privimage.data import ImageDataset
-from privimage.semantics.public_fit import debiased_squared_distances, fit_ratios, fit_weights
+from privimage.semantics.public_fit import debiased_squared_distances, draw_weights, fit_ratios, fit_weights
 from privimage.stages.pretrain import picked_image_weights
 from privimage.stages.semantics import pretraining_set
 
@@ -52,3 +52,28 @@ def test_each_image_of_the_pretraining_set_gets_its_picks_weight():
     weights = picked_image_weights(public, {"c": 0.25, "a": 1.0})
     assert selected.images[:, 0, 0, 0].tolist() == [0, 1, 3, 4]  # public order: c, a, c, a
     assert weights.tolist() == [0.25, 1.0, 0.25, 1.0]
+
+
+def test_each_class_keeps_the_warm_starts_balance_and_its_public_picks_at_most_their_share():
+    """Class 0 picks three public images that fit fully, class 1 two that fit half; the warm start holds
+    class 0 twice and class 1 four times."""
+    public_labels, fit = np.array([0, 0, 0, 1, 1]), np.array([1.0, 1.0, 1.0, 0.5, 0.5])
+    warm_labels = np.array([0, 0, 1, 1, 1, 1])
+    weights = draw_weights(public_labels, fit, warm_labels, 0.9)
+    public, warm = weights[:5], weights[5:]
+    assert weights.sum() == pytest.approx(1.0) and (weights > 0).all()
+    for c, class_weight in [(0, 2 / 6), (1, 4 / 6)]:  # each class drawn as often as the warm start holds it
+        assert public[public_labels == c].sum() + warm[warm_labels == c].sum() == pytest.approx(class_weight)
+    assert public[public_labels == 0].sum() == pytest.approx(0.1 * 2 / 6)  # the share left to public images
+    assert public[public_labels == 1].sum() == pytest.approx(0.1 * 0.5 * 4 / 6)  # ... times the picks' fit
+    assert np.ptp(public[public_labels == 0]) == 0 and np.ptp(warm[warm_labels == 1]) == 0  # uniform within
+
+
+def test_a_class_of_few_public_images_cannot_be_crowded_out_by_a_large_pick():
+    """300 images of an easy public class against 50 warm-start images of the class that picked it: with no
+    share set they are most of the class's draws; with 0.9 a tenth."""
+    public_labels, warm_labels = np.zeros(300, dtype=int), np.repeat([0, 1], 50)
+    by_set = draw_weights(public_labels, np.ones(300), warm_labels, None)
+    capped = draw_weights(public_labels, np.ones(300), warm_labels, 0.9)
+    assert by_set[:300].sum() / 0.5 == pytest.approx(300 / 350)
+    assert capped[:300].sum() / 0.5 == pytest.approx(0.1)

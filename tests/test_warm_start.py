@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
 from merf_runs import finished_run, quick, release_residual
 
@@ -125,7 +126,7 @@ def test_pretraining_sees_the_generator_images_median_filtered(warm_run):
 
 def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up(warm_run):
     root, pipeline = warm_run
-    every_pick = OmegaConf.merge(pipeline.cfg, {"pretrain": {"public_fit": None}})  # all selected images, full weight
+    every_pick = OmegaConf.merge(pipeline.cfg, {"pretrain": {"public_fit": None, "warm_start_share": None}})  # all selected images, full weight
     data, weights = pretraining_data(Pipeline(every_pick, root))
     assert weights is None  # null: drawn uniformly from the set
     shared = Pipeline(OmegaConf.merge(every_pick, {"pretrain": {"warm_start_share": 0.75}}), root)
@@ -134,6 +135,9 @@ def test_pretrain_warm_start_share_is_the_share_of_each_batch_its_images_make_up
     assert weights[-30:].sum().item() == pytest.approx(0.75)  # the warm start's 30 come last
     assert weights.sum().item() == pytest.approx(1.0)
     assert weights[:-30].min() > 0  # every selected public image is still drawn
+    for c in range(same.num_classes):  # and the share holds within each class
+        in_class = torch.as_tensor(same.labels == c)
+        assert weights[-30:][in_class[-30:]].sum() / weights[in_class].sum() == pytest.approx(0.75)
 
 
 @pytest.mark.parametrize("change", ["warm_start.epsilon_share=0.3", "warm_start.public_features=0"])
@@ -163,9 +167,10 @@ def test_public_fit_draws_each_kept_public_image_by_its_picks_weight_and_the_war
     kept = picked_image_weights(pipeline.public, weight_of)
     kept = kept[kept > 0]
     assert len(data) == len(kept) + 30
-    if weights is None:  # every pick fits fully
-        assert (kept == 1).all()
-        return
     assert weights.sum().item() == pytest.approx(1.0)
-    per_image = weights[:-30].numpy()
-    assert per_image == pytest.approx(kept * weights[-1].item())  # a warm start image weighs 1, as an image that fits
+    share, labels, per_image = pipeline.cfg.pretrain.warm_start_share, data.labels[:-30], weights[:-30].numpy()
+    for c in np.unique(labels):  # within a class, a kept image is drawn by its pick's weight, within the public share
+        in_class = labels == c
+        assert per_image[in_class] / kept[in_class] == pytest.approx(np.full(in_class.sum(), per_image[in_class][0]
+                                                                             / kept[in_class][0]))
+        assert per_image[in_class].sum() <= (1 - share) * weights[torch.as_tensor(data.labels == c)].sum().item() + 1e-12

@@ -40,3 +40,25 @@ def fit_weights(ratios: np.ndarray, full: float, none: float) -> np.ndarray:
     if not 0 <= full < none:
         raise ValueError(f"need 0 <= full < none, got full={full}, none={none}")
     return np.clip((none - ratios) / (none - full), 0.0, 1.0)
+
+
+def draw_weights(public_labels: np.ndarray, public_fit: np.ndarray, warm_labels: np.ndarray,
+                 warm_share: float | None) -> np.ndarray:
+    """Each pretraining image's chance of being drawn: the kept public images (their sensitive labels and
+    picks' fit), then the warm start's images.
+
+    Each class is drawn as often as the warm start's images hold it (the release's class balance). Within a
+    class, the warm start's images take `warm_share` of its draws (None: their share of the class's images)
+    and its public images the rest, in proportion to their fit; what a pick's shortfall from full fit leaves
+    goes to the class's warm-start images. So a public class never outweighs the sensitive style of the class
+    that picked it, however easy its shapes are to learn.
+    """
+    public_w, warm_w = np.zeros(len(public_labels)), np.zeros(len(warm_labels))
+    for c in np.unique(warm_labels):
+        public, warm = public_labels == c, warm_labels == c
+        share = warm.sum() / (warm.sum() + public.sum()) if warm_share is None else warm_share
+        public_part = (1 - share) * public_fit[public].mean() if public.any() else 0.0
+        class_weight = warm.sum() / len(warm_labels)
+        public_w[public] = class_weight * (1 - share) * public_fit[public] / max(public.sum(), 1)
+        warm_w[warm] = class_weight * (1 - public_part) / warm.sum()
+    return np.concatenate([public_w, warm_w])

@@ -37,7 +37,7 @@ from privimage.merf import SIZE_WEIGHT, class_means
 from privimage.planning import pretraining_target
 from privimage.rundir import RunDir
 from privimage.runtime import seeded
-from privimage.semantics.public_fit import fit_ratios, fit_weights
+from privimage.semantics.public_fit import draw_weights, fit_ratios, fit_weights
 from privimage.stages.dpmerf import EMBEDDING_FILE
 from privimage.stages.semantics import pretraining_set
 from privimage.stages.warmstart import STAGE as WARM_START, trained_features, warm_start_images
@@ -135,10 +135,10 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     """The selected public semantics relabelled to the sensitive classes, or the public set (methods.py);
     with the warm start's generator images (stages/warmstart.py) where the method runs it.
 
-    Returns the images and their sampling weights: None (uniform) unless `pretrain.warm_start_share` sets
-    the share of each batch that the generator's images make up, or `pretrain.public_fit` gives a selected
-    public class that fits its sensitive class poorly less than its share (none at all: its images are left
-    out); the warm start's images take the rest.
+    Returns the images and their sampling weights (semantics/public_fit.draw_weights): None (uniform)
+    unless `pretrain.warm_start_share` sets the share of each class's draws that the generator's images of
+    that class make up, or `pretrain.public_fit` gives a selected public class that fits its sensitive class
+    poorly less than its share (none at all: its images are left out); the warm start's images take the rest.
     """
     if not pipeline.method.pretrains_on_selected_semantics:
         return pipeline.public, None
@@ -162,10 +162,7 @@ def pretraining_data(pipeline: Pipeline) -> tuple[ImageDataset, torch.Tensor | N
     share = pipeline.cfg.pretrain.warm_start_share
     if share is None and (fit == 1).all():
         return data, None
-    public_part, warm_part = (len(selected), len(extra)) if share is None else (1 - share, share)
-    weights = torch.cat([torch.as_tensor(fit * public_part / max(len(selected), 1), dtype=torch.float64),
-                         torch.full((len(extra),), warm_part / len(extra), dtype=torch.float64)])
-    return data, weights / weights.sum()
+    return data, torch.as_tensor(draw_weights(selected.labels, fit, extra.labels, share), dtype=torch.float64)
 
 
 def public_fit(pipeline: Pipeline, chosen: dict[str, list[str]]) -> dict[str, float]:
