@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from privimage.config import load_config
@@ -43,11 +44,15 @@ def cnn_accuracy(pipeline: Pipeline, synthetic: ImageDataset, real: ImageDataset
                                epochs=cfg.evaluate.classifier_epochs, seed=cfg.seed, progress=False)["cnn"]
 
 
-def public_share_of(pipeline: Pipeline, synthetic: ImageDataset) -> float:
-    """The share of `synthetic` that the evaluate stage's public-vs-sensitive CNN calls public (a private
+def public_shares(pipeline: Pipeline, probes: dict[str, np.ndarray]) -> dict[str, float]:
+    """The share of each probe set that the evaluate stage's public-vs-sensitive CNN calls public (a private
     measure: it trains on the sensitive training split)."""
-    return public_share(pipeline.public.images, pipeline.sensitive_train.images, {"synthetic": synthetic.images},
-                        seed=pipeline.cfg.seed, device=str(pipeline.device))["synthetic"]
+    return public_share(pipeline.public.images, pipeline.sensitive_train.images, probes, seed=pipeline.cfg.seed,
+                        device=str(pipeline.device))
+
+
+def public_share_of(pipeline: Pipeline, synthetic: ImageDataset) -> float:
+    return public_shares(pipeline, {"synthetic": synthetic.images})["synthetic"]
 
 
 def diffusion_samples(pipeline: Pipeline, model: Path) -> ImageDataset:
