@@ -1,5 +1,5 @@
 """The training steps of the default denoiser against the levers that might speed them up, in one run:
-GFLOP per step, achieved GFLOPS, images per second and the speed-up over today's step.
+GFLOP per step, achieved GFLOPS, images per second and the speed-up over the current step.
 
     PYTHONPATH=src python benchmarks/train_step.py [--threads 2] [--rounds 8] [--compile] [key=value ...]
     PYTHONPATH=src taskset -c 0 python benchmarks/train_step.py --threads 1     # the one-core machine
@@ -20,6 +20,11 @@ that vmap turns per-sample weight gradients into counts many times the work done
 of the default shapes: the cost does not depend on their values. The arms take turns, round after round,
 each round starting one arm later, so that a change in the load of a shared machine hits them alike; the
 median of each arm's rounds is reported, with the spread (slowest round / fastest).
+
+The ceiling, measured in the same run: the GFLOPS of a large matrix product on the same threads (bf16 and
+float32), and the share of the current step's time spent in convolutions (torch.profiler) with their own
+GFLOPS. Together they bound what any lever that keeps the step's FLOP can give: the step cannot run faster
+than its FLOP at the matrix product's rate, nor than its convolutions alone at their measured rate.
 """
 
 from __future__ import annotations
@@ -59,6 +64,48 @@ def count_flop(step: Callable[[], object]) -> float:
     with FlopCounterMode(display=False) as counter:
         step()
     return float(counter.get_total_flops())
+
+
+CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOPS of a size x size matrix product: what these cores reach on the densest work there is."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def convolution_profile(step: Callable[[], object], steps: int = 3) -> tuple[float, float]:
+    """(share of the step's time in convolutions, forward and backward; their FLOP per step)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    counts = counter.get_flop_counts()["Global"]
+    flop = sum(v for op, v in counts.items() if "convolution" in str(op))
+    with torch.profiler.profile() as profiler:
+        for _ in range(steps):
+            step()
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    convolution = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
+    return convolution / total, float(flop)
+
+
+def print_ceiling(current: Arm) -> None:
+    seconds = statistics.median(current.seconds)
+    share, conv_flop = convolution_profile(current.step)
+    bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    conv_gflops = conv_flop / (share * seconds) / 1e9
+    print(f"\nCeiling: a 2048x2048 matrix product runs at {bf16:.0f} GFLOPS in bf16, {fp32:.0f} in float32, "
+          f"on these threads.")
+    print(f"The current step: {current.flop / seconds / 1e9:.0f} GFLOPS, {current.flop / seconds / 1e9 / bf16:.0%} "
+          f"of bf16's; its convolutions take {share:.0%} of its time at {conv_gflops:.0f} GFLOPS "
+          f"({conv_gflops / bf16:.0%} of bf16's).")
+    print(f"Bounds on a lever that keeps the step's FLOP: all of them at the matrix product's rate "
+          f"{bf16 * 1e9 * seconds / current.flop:.2f}x; the convolutions alone, the rest free, {1 / share:.2f}x.")
 
 
 def time_arms(arms: list[Arm], rounds: int) -> None:
@@ -227,6 +274,7 @@ def main() -> None:
             compiled[0].flop = arms[0].flop
         time_arms(arms, args.rounds)
         print_table("Pretraining step", arms)
+        print_ceiling(arms[0])
     if args.steps != "pretrain":
         size, physical = cfg.finetune.batch_size, cfg.finetune.max_physical_batch
         dp_arms = [
