@@ -168,9 +168,11 @@ def test_public_fit_draws_each_kept_public_image_by_its_picks_weight_and_the_war
     kept = kept[kept > 0]
     assert len(data) == len(kept) + 30
     assert weights.sum().item() == pytest.approx(1.0)
-    share, labels, per_image = pipeline.cfg.pretrain.warm_start_share, data.labels[:-30], weights[:-30].numpy()
+    labels, per_image = data.labels[:-30], weights[:-30].numpy()
+    assert pipeline.cfg.pretrain.warm_start_share is None  # the public images' share: that of the class's images
     for c in np.unique(labels):  # within a class, a kept image is drawn by its pick's weight, within the public share
-        in_class = labels == c
+        in_class, in_set = labels == c, data.labels == c
+        share = in_class.sum() / in_set.sum()
         assert per_image[in_class] / kept[in_class] == pytest.approx(np.full(in_class.sum(), per_image[in_class][0]
                                                                              / kept[in_class][0]))
-        assert per_image[in_class].sum() <= (1 - share) * weights[torch.as_tensor(data.labels == c)].sum().item() + 1e-12
+        assert per_image[in_class].sum() <= share * weights[torch.as_tensor(in_set)].sum().item() + 1e-12
