@@ -60,10 +60,11 @@ class Arm:
     seconds: list[float] | None = None
 
 
-def count_flop(step: Callable[[], object]) -> float:
+def count_flop(step: Callable[[], object], op_name: str = "") -> float:
+    """FLOP of one call of `step`, of the operators whose name holds `op_name` (all by default)."""
     with FlopCounterMode(display=False) as counter:
         step()
-    return float(counter.get_total_flops())
+    return float(sum(flop for op, flop in counter.get_flop_counts()["Global"].items() if op_name in str(op)))
 
 
 CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward")
@@ -79,24 +80,19 @@ def matmul_gflops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> flo
     return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
 
 
-def convolution_profile(step: Callable[[], object], steps: int = 3) -> tuple[float, float]:
-    """(share of the step's time in convolutions, forward and backward; their FLOP per step)."""
-    with FlopCounterMode(display=False) as counter:
-        step()
-    counts = counter.get_flop_counts()["Global"]
-    flop = sum(v for op, v in counts.items() if "convolution" in str(op))
+def convolution_share(step: Callable[[], object], steps: int = 3) -> float:
+    """The share of the step's time (torch.profiler, self times) in convolutions, forward and backward."""
     with torch.profiler.profile() as profiler:
         for _ in range(steps):
             step()
     events = profiler.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    convolution = sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
-    return convolution / total, float(flop)
+    return (sum(e.self_cpu_time_total for e in events if e.key in CONVOLUTION_OPS)
+            / sum(e.self_cpu_time_total for e in events))
 
 
 def print_ceiling(current: Arm) -> None:
     seconds = statistics.median(current.seconds)
-    share, conv_flop = convolution_profile(current.step)
+    share, conv_flop = convolution_share(current.step), count_flop(current.step, "convolution")
     bf16, fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
     conv_gflops = conv_flop / (share * seconds) / 1e9
     print(f"\nCeiling: a 2048x2048 matrix product runs at {bf16:.0f} GFLOPS in bf16, {fp32:.0f} in float32, "
