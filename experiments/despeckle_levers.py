@@ -22,6 +22,7 @@ from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.stages.dpmerf import EMBEDDING_FILE, fitted_generator, generator_images
 from privimage.stages.warmstart import STAGE, despeckle, trained_features
+from privimage.synthetic import balanced_labels
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
         noisy_sum = load_checkpoint(release / STAGE / EMBEDDING_FILE)[0]["noisy_sum"]
         features = trained_features(cfg, pipeline.public, pipeline.cache_dir, pipeline.device)
         generator = fitted_generator(cfg, noisy_sum, features, len(names), pipeline.device, cfg.warm_start.generator_steps).eval()
-        drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
+        drawn = generator_images(generator, balanced_labels(cfg.sample.n, len(names)), names, cfg.seed + 1)
         accuracy = {width: cnn_accuracy(pipeline, despeckle(drawn, int(width)), real) for width in args.widths.split(",")}
         print(json.dumps({"release": str(release), "epsilon": cfg.privacy.epsilon, "accuracy": accuracy}), flush=True)
     pipeline.close()

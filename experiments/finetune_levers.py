@@ -29,7 +29,8 @@ from privimage.privacy.ledger import PrivacyLedger
 from privimage.rundir import RunDir
 from privimage.builders import MODEL_FILE, load_denoiser
 from privimage.stages.finetune import finetune
-from privimage.stages.sample import balanced_labels, generate, load_synthetic, write_synthetic
+from privimage.stages.sample import generate
+from privimage.synthetic import balanced_labels, load_synthetic, write_synthetic
 
 
 def main() -> None:

@@ -21,7 +21,8 @@ from privimage.evaluation.public_share import public_share
 from privimage.pipeline import Pipeline
 from privimage.rundir import RunDir
 from privimage.builders import load_denoiser
-from privimage.stages.sample import balanced_labels, generate
+from privimage.stages.sample import generate
+from privimage.synthetic import balanced_labels
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

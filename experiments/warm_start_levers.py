@@ -25,6 +25,7 @@ from privimage.atomic import read_json
 from privimage.stages.dpmerf import generator_images, load_generator
 from privimage.builders import MODEL_FILE
 from privimage.stages.warmstart import despeckle, generator_file
+from privimage.synthetic import balanced_labels
 
 STAGES = ("semantics", "warmstart", "pretrain", "finetune")
 
@@ -46,7 +47,7 @@ def main() -> None:
         seconds[stage] = round(pipeline.run_stage(stage).seconds, 1)
         if stage == "warmstart":
             generator = load_generator(cfg, generator_file(pipeline.run), len(names), device)
-            drawn = generator_images(generator, cfg.sample.n, names, cfg.seed + 1)
+            drawn = generator_images(generator, balanced_labels(cfg.sample.n, len(names)), names, cfg.seed + 1)
             score("generator", despeckle(drawn, cfg.warm_start.median_filter))  # as pretraining sees them
         elif stage == "pretrain":
             score("pretrained", diffusion_samples(pipeline, pipeline.run.pretrain_dir / MODEL_FILE))

@@ -184,6 +184,20 @@ def test_sampler_returns_the_point_of_a_point_mass(solver: str) -> None:
     torch.testing.assert_close(samples, x0.expand(5, -1, -1, -1), rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("solver", ["heun", "euler"])
+def test_sampling_from_noised_images_follows_the_exact_ode_of_gaussian_data(solver: str) -> None:
+    """Data N(0, s^2) per pixel: the exact denoiser is D(x) = x s^2 / (s^2 + sigma^2), and the ODE carries
+    x at sigma_max to x s / sqrt(s^2 + sigma_max^2). SDEdit starts it at init + sigma_max * noise."""
+    s, sigma_max = 0.5, 2.0
+    init = torch.linspace(-1, 1, 32).reshape(2, 1, 4, 4)
+    noise = torch.randn(init.shape, generator=torch.Generator().manual_seed(3))
+    samples = edm_sample(lambda x, sigma, labels: x * s ** 2 / (s ** 2 + sigma[:, None, None, None] ** 2),
+                         torch.zeros(2, dtype=torch.long), shape=(1, 4, 4), num_classes=1, steps=200, solver=solver,
+                         sigma_max=sigma_max, init=init, generator=torch.Generator().manual_seed(3))
+    expected = ((init + sigma_max * noise) * s / (s ** 2 + sigma_max ** 2) ** 0.5).clamp(-1, 1)  # as it returns them
+    torch.testing.assert_close(samples, expected, rtol=0, atol=2e-3 if solver == "heun" else 2e-2)
+
+
 def test_guidance() -> None:
     """D(x|c) = a_c and D(x|null) = b give the guided point (1 + w) a_c - w b; w = 0 skips the null pass."""
     targets = torch.tensor([0.2, -0.4, 0.0])  # a_0, a_1, b (the null label is 2)

@@ -46,6 +46,13 @@ def test_the_warm_start_generator_is_planned_at_its_configured_steps():
     plan = planning.make_plan(cfg, {**THROUGHPUT, "generator_step": 0.2}, 900.0, **common)
     assert plan.expected_seconds["warmstart"] == pytest.approx(0.2 * cfg.warm_start.generator_steps)
     assert "warmstart" not in without.expected_seconds and plan.pretrain_steps < without.pretrain_steps
+    # the synthetic images that start from its generator's are redrawn in sample.warm_start_steps, not sample.steps
+    s = cfg.sample
+    calls = {steps: 2 * (2 * steps - 1) for steps in (s.steps, s.warm_start_steps)}  # Heun, with guidance
+    assert s.solver == "heun" and s.guidance and s.warm_start_sigma is not None and s.warm_start_steps < s.steps
+    share = s.warm_start_share
+    assert plan.expected_seconds["sample"] == pytest.approx(without.expected_seconds["sample"] * (
+        (1 - share) + share * calls[s.warm_start_steps] / calls[s.steps]))
     assert sum(plan.expected_seconds.values()) <= 900.0
 
 

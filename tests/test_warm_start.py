@@ -17,6 +17,7 @@ from privimage.stages.registry import RELEASE_MODULES
 from privimage.pipeline import Pipeline
 from privimage.stages.pretrain import picked_image_weights, pretraining_data, public_fit
 from privimage.stages.warmstart import despeckle, generator_file, warm_start_images
+from privimage.synthetic import balanced_labels, load_synthetic
 from privimage.privacy.accountant import compose_epsilon
 
 
@@ -56,6 +57,18 @@ def test_a_budget_the_releases_before_dp_sgd_use_up_is_refused_naming_what_to_ch
 def test_an_epsilon_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, share):
     with pytest.raises(UserError, match="warm_start.epsilon_share must be in"):
         quick(cache_dir, f"warm_start.epsilon_share={share}")
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, "half"])
+def test_a_sample_warm_start_share_outside_zero_to_one_is_refused_in_one_line(cache_dir, share):
+    with pytest.raises(UserError, match="sample.warm_start_share must lie in"):
+        quick(cache_dir, f"sample.warm_start_share={share}")
+
+
+@pytest.mark.parametrize("setting", ["warm_start_sigma=0", "warm_start_sigma=-1", "warm_start_steps=0"])
+def test_a_redraw_setting_out_of_range_is_refused_in_one_line(cache_dir, setting):
+    with pytest.raises(UserError, match=f"sample.{setting.split('=')[0]} must be"):
+        quick(cache_dir, f"sample.{setting}")
 
 
 def test_despeckling_removes_lone_pixels_keeps_strokes_and_never_mixes_images_or_channels():
@@ -112,6 +125,29 @@ def test_the_model_pretrained_on_warm_start_images_stays_out_of_the_shared_cache
     selected = json.loads((root / "semantics.json").read_text())["public_images"]
     pretrain = json.loads((root / "stages" / "pretrain.json").read_text())
     assert pretrain["public_images"] <= selected and pretrain["pretraining_images"] == pretrain["public_images"] + 30
+
+
+def test_the_synthetic_set_takes_its_warm_start_share_from_the_generator_redrawn_with_balanced_labels(warm_run):
+    root, pipeline = warm_run
+    cfg, names = pipeline.cfg, pipeline.sensitive_train.class_names
+    synthetic, labels = load_synthetic(pipeline.run), balanced_labels(cfg.sample.n, len(names))
+    from_generator = round(cfg.sample.warm_start_share * cfg.sample.n)
+    assert 0 < from_generator and (synthetic.labels == labels.numpy()).all()
+    drawn = warm_start_images(cfg, pipeline.run, names, pipeline.device, labels[-from_generator:])
+    redrawn = synthetic.images[-from_generator:].astype(float)
+    # redrawn from noise of sigma 2: changed, and nearer its own generator image than to another of its class
+    assert cfg.sample.warm_start_sigma == 2 and (redrawn != drawn.images).any()
+    own = np.abs(redrawn - drawn.images).mean()
+    other = np.abs(redrawn - np.roll(drawn.images, len(names), axis=0)).mean()
+    assert own < other
+    marker = json.loads((root / "stages" / "sample.json").read_text())
+    assert (marker["from_noise"], marker["from_warm_start"]) == (cfg.sample.n - from_generator, from_generator)
+    # sigma null: the generator's images as drawn (the sample stage reruns under the new setting)
+    as_drawn = Pipeline(OmegaConf.merge(cfg, {"sample": {"warm_start_sigma": None}}), root)
+    as_drawn.create(["sample"])
+    as_drawn.run_stage("sample")
+    as_drawn.close()
+    assert (load_synthetic(pipeline.run).images[-from_generator:] == drawn.images).all()
 
 
 def test_pretraining_sees_the_generator_images_median_filtered(warm_run):

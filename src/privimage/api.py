@@ -33,7 +33,7 @@ from privimage.config import load_config
 from privimage.data.checks import class_indices
 from privimage.data.convert import UserArrays, labelled_arrays
 from privimage.stages.registry import MODEL_MODULES
-from privimage.stages.sample import safe_folder_name
+from privimage.synthetic import safe_folder_name
 from privimage.errors import UserError
 from privimage.pipeline import Pipeline, StageResult
 from privimage.privacy.ledger import PrivacyLedger

@@ -64,13 +64,15 @@ def pretraining_step(net: torch.nn.Module, loss_fn: Callable, optimizer: torch.o
 
 
 def sample_batch(net: torch.nn.Module, labels: torch.Tensor, cfg: DictConfig, num_classes: int, *, steps: int,
-                 bf16: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One batch of images in [-1, 1] with the configured sampler (the planner's probe times this same call)."""
+                 bf16: bool, generator: torch.Generator | None = None, init: torch.Tensor | None = None,
+                 sigma_max: float = 80.0) -> torch.Tensor:
+    """One batch of images in [-1, 1] with the configured sampler (the planner's probe times this same call),
+    from pure noise or from `init` noised to `sigma_max` (sampler.edm_sample)."""
     s = cfg.sample
     shape = (len(labels), cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     with torch.inference_mode(), torch.autocast(labels.device.type, dtype=torch.bfloat16, enabled=bf16):
         return edm_sample(net, labels, shape=shape, num_classes=num_classes, steps=steps, guidance=s.guidance,
-                          solver=s.solver, generator=generator)
+                          solver=s.solver, generator=generator, init=init, sigma_max=sigma_max)
 
 
 class Schedule(NamedTuple):

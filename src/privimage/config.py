@@ -177,6 +177,13 @@ def validate(cfg: DictConfig) -> None:
         _check(isinstance(value, int) and value >= 1, f"{key} must be an integer >= 1 (got {value})")
     _check(isinstance(cfg.sample.n, int) and cfg.sample.n >= 1, f"sample.n must be an integer >= 1 (got {cfg.sample.n})")
     _check(cfg.sample.solver in ("heun", "euler"), f"sample.solver must be heun or euler (got {cfg.sample.solver})")
+    _check(_is_number(cfg.sample.warm_start_share) and 0 <= cfg.sample.warm_start_share <= 1,
+           f"sample.warm_start_share must lie in [0, 1], e.g. 0.5 (got {cfg.sample.warm_start_share})")
+    _check(cfg.sample.warm_start_sigma is None or (_is_number(cfg.sample.warm_start_sigma)
+                                                    and cfg.sample.warm_start_sigma > 0),
+           f"sample.warm_start_sigma must be a noise level > 0, e.g. 2, or null (got {cfg.sample.warm_start_sigma})")
+    _check(isinstance(cfg.sample.warm_start_steps, int) and cfg.sample.warm_start_steps >= 1,
+           f"sample.warm_start_steps must be an integer >= 1, e.g. 6 (got {cfg.sample.warm_start_steps})")
     _check(isinstance(cfg.sample.steps, int) and cfg.sample.steps >= 1,
            f"sample.steps must be an integer >= 1, e.g. 18 (got {cfg.sample.steps})")
     m = cfg.model

@@ -49,6 +49,7 @@ from privimage.methods import STAGE_TABLE
 from privimage.privacy.dpsgd import DPSGD
 from privimage.privacy.noise import GaussianNoise
 from privimage.runtime import seeded
+from privimage.synthetic import warm_start_count
 
 SAFETY = 0.85  # plan the whole run to end with 15 % of the budget to spare: the probe is not exact
 # Planned again when pretraining starts, only what is left is uncertain: pretraining itself and the stages after it.
@@ -231,12 +232,18 @@ def evaluations_per_classifier(cfg: DictConfig) -> int:
 def _fixed_seconds(cfg: DictConfig, throughput: dict[str, float], semantics_seconds: float) -> dict[str, float]:
     """Expected seconds of the fixed-size stages, at their configured sizes."""
     s, e = cfg.sample, cfg.evaluate
-    denoiser_calls = (2 * s.steps - 1 if s.solver == "heun" else s.steps) * (2 if s.guidance else 1)
+
+    def denoiser_calls(steps: int) -> int:
+        return (2 * steps - 1 if s.solver == "heun" else steps) * (2 if s.guidance else 1)
+
+    from_generator = warm_start_count(cfg, "generator_step" in throughput)
+    redrawn = from_generator if s.warm_start_sigma is not None else 0
     return {
         "semantics": semantics_seconds,
         **({"warmstart": cfg.warm_start.generator_steps * throughput["generator_step"]}
            if "generator_step" in throughput else {}),
-        "sample": s.n * denoiser_calls * throughput["denoiser_image"],
+        "sample": ((s.n - from_generator) * denoiser_calls(s.steps) + redrawn * denoiser_calls(s.warm_start_steps))
+        * throughput["denoiser_image"],
         "evaluate": sum(evaluations_per_classifier(cfg) * e.classifier_epochs * s.n
                         * throughput[f"classifier_{name}_image_epoch"] for name in e.classifiers)
         + (2 * e.fid_samples * throughput["inception_image"] if e.fid else 0.0),

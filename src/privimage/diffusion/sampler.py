@@ -20,8 +20,10 @@ def edm_sigmas(steps: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0,
 @torch.no_grad()
 def edm_sample(denoiser: Denoiser, class_labels: Tensor, *, shape: tuple, num_classes: int, steps: int = 18,
                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, guidance: float = 0.0,
-               solver: str = "heun", generator: torch.Generator | None = None) -> Tensor:
-    """Sample one image per label, in [-1, 1], by solving the probability-flow ODE from pure noise.
+               solver: str = "heun", generator: torch.Generator | None = None, init: Tensor | None = None) -> Tensor:
+    """Sample one image per label, in [-1, 1], by solving the probability-flow ODE from pure noise, or from
+    `init` (images in [-1, 1]) noised to `sigma_max` (SDEdit, Meng et al. 2022: the model redraws what that
+    noise hides and keeps the rest).
 
     `shape` is the image shape (C, H, W), or (B, C, H, W) with B == len(class_labels). With guidance w > 0
     the denoiser is (1 + w) D(x | c) - w D(x | null) (classifier-free guidance); the conditional and
@@ -51,6 +53,8 @@ def edm_sample(denoiser: Denoiser, class_labels: Tensor, *, shape: tuple, num_cl
     # Draw the noise where the generator lives, so a CPU generator gives the same images on any device.
     noise_device = generator.device if generator is not None else device
     x = torch.randn((batch, *shape), generator=generator, device=noise_device).to(device) * sigmas[0]
+    if init is not None:
+        x = x + init.to(device)
     for index, (sigma, sigma_next) in enumerate(zip(sigmas[:-1], sigmas[1:])):
         slope = (x - denoise(x, sigma)) / sigma
         x_next = x + (sigma_next - sigma) * slope

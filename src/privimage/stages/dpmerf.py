@@ -29,7 +29,7 @@ from privimage.privacy.ledger import PrivacyLedger
 from privimage.privacy.release import release_once
 from privimage.rundir import RunDir
 from privimage.runtime import dp_noise_source, seeded
-from privimage.stages.sample import balanced_labels, write_synthetic
+from privimage.synthetic import balanced_labels, write_synthetic
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -135,10 +135,9 @@ def fitted_generator(cfg: DictConfig, noisy_sum: torch.Tensor, features: Feature
     return generator
 
 
-def generator_images(generator: Generator, n: int, class_names: tuple[str, ...], seed: int,
+def generator_images(generator: Generator, labels: torch.Tensor, class_names: tuple[str, ...], seed: int,
                      name: str = "synthetic") -> ImageDataset:
-    """`n` images, balanced over the classes, from the generator's seeded codes."""
-    labels = balanced_labels(n, len(class_names))
+    """One image per label, from the generator's seeded codes."""
     rng = torch.Generator(device=next(generator.parameters()).device).manual_seed(seed)
     return ImageDataset(_draw(generator, labels, rng), labels.numpy().astype(np.int64), class_names, name=name)
 
@@ -169,10 +168,10 @@ def release_key(pipeline: Pipeline) -> str:
 
 
 def run(pipeline: Pipeline) -> None:
-    cfg, n = pipeline.cfg, len(pipeline.sensitive_train)
+    cfg, n, names = pipeline.cfg, len(pipeline.sensitive_train), pipeline.sensitive_train.class_names
     generator = fit_generator(pipeline, stage="dpmerf", name=release_key(pipeline), features=random_features(cfg),
                               steps=cfg.dpmerf.steps,
                               planned=lambda: mechanism(cfg, n, pipeline.ledger.mechanisms(excluding_stage="dpmerf")))
     if distributed.is_main():
-        write_synthetic(pipeline.run, generator_images(generator, cfg.sample.n, pipeline.sensitive_train.class_names,
+        write_synthetic(pipeline.run, generator_images(generator, balanced_labels(cfg.sample.n, len(names)), names,
                                                        cfg.seed))

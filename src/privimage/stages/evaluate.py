@@ -31,7 +31,7 @@ from privimage.evaluation.memorization import closest_pairs_figure, memorization
 from privimage.evaluation.public_share import public_share
 from privimage.atomic import read_json, write_bytes, write_json
 from privimage.rundir import RunDir
-from privimage.stages.sample import load_synthetic
+from privimage.synthetic import load_synthetic
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline

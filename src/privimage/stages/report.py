@@ -25,7 +25,7 @@ from privimage.report.figures import figure_png, image_grid, png_bytes
 from privimage.atomic import read_json, write_text
 from privimage.rundir import RunDir
 from privimage.stages.evaluate import read_reference
-from privimage.stages.sample import load_synthetic
+from privimage.synthetic import load_synthetic
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline

@@ -34,6 +34,7 @@ from privimage.runtime import seeded
 from privimage.stages.dpmerf import (fit_generator, generator_images, generator_path, load_generator, random_features,
                                      release_name)
 from privimage.stages.semantics import semantic_classifier
+from privimage.synthetic import balanced_labels
 
 if TYPE_CHECKING:
     from privimage.pipeline import Pipeline
@@ -78,11 +79,14 @@ def generator_file(run: RunDir) -> Path:
     return generator_path(run, STAGE)
 
 
-def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device) -> ImageDataset:
-    """The generator's `warm_start.samples` images, labelled with the sensitive classes (seeded), each
-    channel median-filtered over a `warm_start.median_filter`-pixel square."""
+def warm_start_images(cfg: DictConfig, run: RunDir, class_names: tuple[str, ...], device: torch.device,
+                      labels: torch.Tensor | None = None) -> ImageDataset:
+    """The generator's images for `labels` (seeded; default: `warm_start.samples` balanced over the sensitive
+    classes, what pretraining adds), each channel median-filtered over a `warm_start.median_filter`-pixel square."""
     generator = load_generator(cfg, generator_file(run), len(class_names), device)
-    return despeckle(generator_images(generator, cfg.warm_start.samples, class_names, cfg.seed, name="warm-start"),
+    if labels is None:
+        labels = balanced_labels(cfg.warm_start.samples, len(class_names))
+    return despeckle(generator_images(generator, labels, class_names, cfg.seed, name="warm-start"),
                      cfg.warm_start.median_filter)
 
 
