@@ -135,8 +135,8 @@ def test_the_synthetic_set_takes_its_warm_start_share_from_the_generator_redrawn
     assert 0 < from_generator and (synthetic.labels == labels.numpy()).all()
     drawn = warm_start_images(cfg, pipeline.run, names, pipeline.device, labels[-from_generator:])
     redrawn = synthetic.images[-from_generator:].astype(float)
-    # redrawn from noise of sigma 2: changed, and nearer its own generator image than to another of its class
-    assert cfg.sample.warm_start_sigma == 2 and (redrawn != drawn.images).any()
+    # redrawn from noise of the configured sigma: changed, and nearer its own generator image than to another of its class
+    assert cfg.sample.warm_start_sigma > 0 and (redrawn != drawn.images).any()
     own = np.abs(redrawn - drawn.images).mean()
     other = np.abs(redrawn - np.roll(drawn.images, len(names), axis=0)).mean()
     assert own < other

@@ -181,7 +181,7 @@ def validate(cfg: DictConfig) -> None:
            f"sample.warm_start_share must lie in [0, 1], e.g. 0.5 (got {cfg.sample.warm_start_share})")
     _check(cfg.sample.warm_start_sigma is None or (_is_number(cfg.sample.warm_start_sigma)
                                                     and cfg.sample.warm_start_sigma > 0),
-           f"sample.warm_start_sigma must be a noise level > 0, e.g. 2, or null (got {cfg.sample.warm_start_sigma})")
+           f"sample.warm_start_sigma must be a noise level > 0, e.g. 1, or null (got {cfg.sample.warm_start_sigma})")
     _check(isinstance(cfg.sample.warm_start_steps, int) and cfg.sample.warm_start_steps >= 1,
            f"sample.warm_start_steps must be an integer >= 1, e.g. 6 (got {cfg.sample.warm_start_steps})")
     _check(isinstance(cfg.sample.steps, int) and cfg.sample.steps >= 1,
