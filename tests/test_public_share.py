@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from privimage.evaluation.public_share import public_share
+from privimage.evaluation.public_share import called_public, public_share
 
 
 def shapes(kind: str, n: int, seed: int) -> np.ndarray:
@@ -24,3 +24,11 @@ def test_the_share_is_the_fraction_of_a_set_that_looks_public():
                                               "quarter": half}, epochs=6, width=8)
     assert shares["public"] > 0.95 and shares["real"] < 0.05
     assert abs(shares["quarter"] - 0.25) < 0.05
+
+
+def test_each_image_is_called_by_what_it_shows():
+    public, sensitive = shapes("public", 300, 0), shapes("sensitive", 300, 1)
+    mixed = np.concatenate([shapes("public", 50, 2), shapes("sensitive", 150, 3)])
+    calls = called_public(public, sensitive, {"mixed": mixed}, epochs=6, width=8)["mixed"]
+    assert calls.dtype == bool and calls.shape == (200,)
+    assert calls[:50].mean() > 0.95 and calls[50:].mean() < 0.05

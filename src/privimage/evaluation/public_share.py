@@ -19,9 +19,9 @@ from privimage.runtime import seeded
 PUBLIC, SENSITIVE = 1, 0
 
 
-def public_share(public: np.ndarray, sensitive: np.ndarray, probes: Mapping[str, np.ndarray], *, per_side: int = 4000,
-                 epochs: int = 2, width: int = 8, seed: int = 0, device: str = "cpu") -> dict[str, float]:
-    """The share of each probe set (uint8 NHWC images) that a public-vs-sensitive CNN calls public.
+def called_public(public: np.ndarray, sensitive: np.ndarray, probes: Mapping[str, np.ndarray], *, per_side: int = 4000,
+                  epochs: int = 2, width: int = 8, seed: int = 0, device: str = "cpu") -> dict[str, np.ndarray]:
+    """For each probe set (uint8 NHWC images), whether a public-vs-sensitive CNN calls each image public.
 
     The CNN (`width` channels, `epochs` passes) trains on at most `per_side` seeded images of each side.
     """
@@ -33,5 +33,10 @@ def public_share(public: np.ndarray, sensitive: np.ndarray, probes: Mapping[str,
     with seeded(seed):
         model = SmallCNN(images.shape[-1], 2, width=width)
     train_classifier(model, images, labels, epochs=epochs, seed=seed, device=device)
-    return {name: float((predict_logits(model, probe, device=device, reduce=lambda logits: logits.argmax(1)).numpy()
-                         == PUBLIC).mean()) for name, probe in probes.items()}
+    return {name: predict_logits(model, probe, device=device, reduce=lambda logits: logits.argmax(1)).numpy() == PUBLIC
+            for name, probe in probes.items()}
+
+
+def public_share(public: np.ndarray, sensitive: np.ndarray, probes: Mapping[str, np.ndarray], **settings) -> dict[str, float]:
+    """The share of each probe set that the CNN of `called_public` (same settings) calls public."""
+    return {name: float(calls.mean()) for name, calls in called_public(public, sensitive, probes, **settings).items()}
