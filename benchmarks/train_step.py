@@ -6,12 +6,13 @@ GFLOP per step, achieved GFLOPS, images per second and the speed-up over the cur
 
 Pretraining: `stages.pretrain.pretraining_step` (bf16 autocast, NCHW, Adam) at `pretrain.batch_size`, against
 float32, channels_last, fused Adam, the bare U-Net without the EDM preconditioning (what fusing the
-preconditioning could gain at most), larger batches (images per second), and with `--compile`
+preconditioning could gain at most), larger batches (images per second), narrower denoisers (`--widths`, each a
+`model.base_channels`: fewer FLOP per image, whose quality is an experiment's question), and with `--compile`
 torch.compile (inductor) of the denoiser, whose compile seconds are measured apart in child processes
 sharing a fresh inductor cache: the first on an empty cache, the second on the cache the first left.
 DP-SGD: one `privacy.dpsgd.DPSGD` step (torch.func vmap per-sample gradients) on `finetune.batch_size`
-samples (the expected logical batch), against other `max_physical_batch`es, float32, and stock Opacus'
-per-sample-gradient hooks (GradSampleModule) with the same clipping and noise.
+samples (the expected logical batch), against other `max_physical_batch`es, float32, stock Opacus'
+per-sample-gradient hooks (GradSampleModule) with the same clipping and noise, and the narrower denoisers.
 
 FLOP are counted by torch.utils.flop_counter.FlopCounterMode on each pretraining arm's own eager step (a bf16
 FLOP counts as one; the compiled arm does the eager step's math). A DP-SGD step is credited with the FLOP of
@@ -42,6 +43,7 @@ from typing import Callable
 
 import torch
 from opacus import GradSampleModule
+from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from privimage.config import load_config
@@ -210,6 +212,23 @@ def dp_arm(cfg, base: torch.nn.Module, name: str, size: int, *, max_physical_bat
     return Arm(name, step, size)
 
 
+def nonprivate_flop(cfg, base: torch.nn.Module, size: int) -> float:
+    """FLOP of a non-private step on `size` samples: what a DP-SGD step is credited with."""
+    x, y = batch(cfg, size, seed=1)
+    net = copy.deepcopy(base)
+    return count_flop(lambda: pretraining_step(net, diffusion_loss(cfg, CLASSES), torch.optim.SGD(net.parameters()),
+                                               x, y, bf16=True))
+
+
+def denoiser(cfg) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_denoiser(cfg, CLASSES).train()
+
+
+def parameters(net: torch.nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
 def compile_seconds(args: argparse.Namespace, cache: str) -> float:
     """Seconds of the first compiled pretraining step (compile included) in a new process using `cache`."""
     command = [sys.executable, __file__, "--threads", str(args.threads), "--first-compiled-step", *args.overrides]
@@ -225,6 +244,8 @@ def main() -> None:
     parser.add_argument("--dp-rounds", type=int, default=3, help="rounds of the (slower) DP-SGD arms")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 256], help="pretraining batch arms")
     parser.add_argument("--physical-batches", type=int, nargs="*", default=[64, 256], help="DP-SGD micro-batch arms")
+    parser.add_argument("--widths", type=int, nargs="*", default=[12, 8],
+                        help="arms of smaller denoisers (model.base_channels): fewer FLOP per image")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (minutes of compiling)")
     parser.add_argument("--steps", choices=["both", "pretrain", "dp"], default="both", help="which steps to time")
     parser.add_argument("--first-compiled-step", action="store_true", help=argparse.SUPPRESS)
@@ -232,8 +253,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config("default", overrides=args.overrides)
-    torch.manual_seed(0)
-    base = build_denoiser(cfg, CLASSES).train()
+    base = denoiser(cfg)
+    narrower = {width: denoiser(OmegaConf.merge(cfg, {"model": {"base_channels": width}})) for width in args.widths}
 
     if args.first_compiled_step:
         step = pretraining_arm(cfg, base, "compiled", compiled=True).step
@@ -242,8 +263,7 @@ def main() -> None:
         print(f"{time.perf_counter() - started:.2f}")
         return
 
-    params = sum(p.numel() for p in base.parameters())
-    print(f"{params:,} parameters, {cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, "
+    print(f"{parameters(base):,} parameters, {cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (DP-SGD {args.dp_rounds}), "
           f"torch {torch.__version__}")
     compiled = []
@@ -264,6 +284,8 @@ def main() -> None:
             pretraining_arm(cfg, base, "fused Adam", fused_adam=True),
             pretraining_arm(cfg, base, "U-Net alone (no preconditioning)", bare_unet=True),
             *[pretraining_arm(cfg, base, f"batch {size}", batch_size=size) for size in args.batch_sizes],
+            *[pretraining_arm(cfg, net, f"base_channels {width} ({parameters(net):,} parameters)")
+              for width, net in narrower.items()],
             *compiled,
         ]
         if compiled:
@@ -279,12 +301,11 @@ def main() -> None:
             dp_arm(cfg, base, "Opacus hooks (GradSampleModule)", size, opacus=True),
             *[dp_arm(cfg, base, f"micro-batch {m}", size, max_physical_batch=m) for m in args.physical_batches],
         ]
-        x, y = batch(cfg, size, seed=1)
-        net = copy.deepcopy(base)
-        flop = count_flop(lambda: pretraining_step(net, diffusion_loss(cfg, CLASSES), torch.optim.SGD(net.parameters()),
-                                                   x, y, bf16=True))
         for arm in dp_arms:
-            arm.flop = flop
+            arm.flop = nonprivate_flop(cfg, base, size)
+        for width, net in narrower.items():
+            dp_arms.append(dp_arm(cfg, net, f"base_channels {width}", size))
+            dp_arms[-1].flop = nonprivate_flop(cfg, net, size)
         time_arms(dp_arms, args.dp_rounds)
         print_table(f"DP-SGD step, logical batch {size}", dp_arms)
 
