@@ -254,7 +254,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config("default", overrides=args.overrides)
     base = denoiser(cfg)
-    narrower = {width: denoiser(OmegaConf.merge(cfg, {"model": {"base_channels": width}})) for width in args.widths}
 
     if args.first_compiled_step:
         step = pretraining_arm(cfg, base, "compiled", compiled=True).step
@@ -266,6 +265,7 @@ def main() -> None:
     print(f"{parameters(base):,} parameters, {cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (DP-SGD {args.dp_rounds}), "
           f"torch {torch.__version__}")
+    narrower = {width: denoiser(OmegaConf.merge(cfg, {"model": {"base_channels": width}})) for width in args.widths}
     compiled = []
     if args.compile and args.steps != "dp":
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
@@ -301,8 +301,9 @@ def main() -> None:
             dp_arm(cfg, base, "Opacus hooks (GradSampleModule)", size, opacus=True),
             *[dp_arm(cfg, base, f"micro-batch {m}", size, max_physical_batch=m) for m in args.physical_batches],
         ]
+        flop = nonprivate_flop(cfg, base, size)
         for arm in dp_arms:
-            arm.flop = nonprivate_flop(cfg, base, size)
+            arm.flop = flop
         for width, net in narrower.items():
             dp_arms.append(dp_arm(cfg, net, f"base_channels {width}", size))
             dp_arms[-1].flop = nonprivate_flop(cfg, net, size)

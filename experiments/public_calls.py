@@ -13,8 +13,6 @@ import argparse
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from privimage.config import load_config
 from privimage.evaluation.public_share import called_public
 from privimage.pipeline import Pipeline
@@ -42,7 +40,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     image_grid(rows).save(args.out / "called_public.png")
     print(json.dumps({"run": str(args.run), "share": round(float(calls.mean()), 4), "per_class": counts,
-                      "sigma": OmegaConf.select(cfg, "sample.warm_start_sigma")}))
+                      "sigma": cfg.sample.warm_start_sigma}))
 
 
 if __name__ == "__main__":
