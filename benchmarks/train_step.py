@@ -6,13 +6,14 @@ GFLOP per step, achieved GFLOPS, images per second and the speed-up over the cur
 
 Pretraining: `stages.pretrain.pretraining_step` (bf16 autocast, NCHW, Adam) at `pretrain.batch_size`, against
 float32, channels_last, fused Adam, the bare U-Net without the EDM preconditioning (what fusing the
-preconditioning could gain at most), larger batches (images per second), narrower denoisers (`--widths`, each a
-`model.base_channels`: fewer FLOP per image, whose quality is an experiment's question), and with `--compile`
+preconditioning could gain at most), larger batches (images per second), other denoisers (`--denoisers`, each a
+set of `model.` overrides: narrower, or on 2 × 2 patches; fewer FLOP per image, whose quality is an experiment's
+question), and with `--compile`
 torch.compile (inductor) of the denoiser, whose compile seconds are measured apart in child processes
 sharing a fresh inductor cache: the first on an empty cache, the second on the cache the first left.
 DP-SGD: one `privacy.dpsgd.DPSGD` step (torch.func vmap per-sample gradients) on `finetune.batch_size`
 samples (the expected logical batch), against other `max_physical_batch`es, float32, stock Opacus'
-per-sample-gradient hooks (GradSampleModule) with the same clipping and noise, and the narrower denoisers.
+per-sample-gradient hooks (GradSampleModule) with the same clipping and noise, and the other denoisers.
 
 FLOP are counted by torch.utils.flop_counter.FlopCounterMode on each pretraining arm's own eager step (a bf16
 FLOP counts as one; the compiled arm does the eager step's math). A DP-SGD step is credited with the FLOP of
@@ -43,7 +44,6 @@ from typing import Callable
 
 import torch
 from opacus import GradSampleModule
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
 from privimage.config import load_config
@@ -51,6 +51,10 @@ from privimage.privacy.dpsgd import DPSGD
 from privimage.builders import build_denoiser, diffusion_loss, pretraining_step
 
 CLASSES = 10
+# Denoisers with fewer FLOP per image: narrower, or the U-Net on 2 x 2 patches (model.patch_size), which drops
+# the full-resolution level and runs wider convolutions at half the resolution.
+DENOISERS = ("model.base_channels=12", "model.base_channels=8",
+             "model.patch_size=2 model.channel_mult=[1,1] model.base_channels=32")
 
 
 @dataclass
@@ -244,8 +248,8 @@ def main() -> None:
     parser.add_argument("--dp-rounds", type=int, default=3, help="rounds of the (slower) DP-SGD arms")
     parser.add_argument("--batch-sizes", type=int, nargs="*", default=[128, 256], help="pretraining batch arms")
     parser.add_argument("--physical-batches", type=int, nargs="*", default=[64, 256], help="DP-SGD micro-batch arms")
-    parser.add_argument("--widths", type=int, nargs="*", default=[12, 8],
-                        help="arms of smaller denoisers (model.base_channels): fewer FLOP per image")
+    parser.add_argument("--denoisers", nargs="*", default=list(DENOISERS),
+                        help="arms of other denoisers, each a quoted set of model.key=value overrides")
     parser.add_argument("--compile", action="store_true", help="add torch.compile (minutes of compiling)")
     parser.add_argument("--steps", choices=["both", "pretrain", "dp"], default="both", help="which steps to time")
     parser.add_argument("--first-compiled-step", action="store_true", help=argparse.SUPPRESS)
@@ -265,7 +269,7 @@ def main() -> None:
     print(f"{parameters(base):,} parameters, {cfg.data.channels}x{cfg.data.resolution}x{cfg.data.resolution}, "
           f"{torch.get_num_threads()} threads, {args.rounds} rounds (DP-SGD {args.dp_rounds}), "
           f"torch {torch.__version__}")
-    narrower = {width: denoiser(OmegaConf.merge(cfg, {"model": {"base_channels": width}})) for width in args.widths}
+    others = {arm: denoiser(load_config("default", overrides=[*args.overrides, *arm.split()])) for arm in args.denoisers}
     compiled = []
     if args.compile and args.steps != "dp":
         with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
@@ -284,8 +288,7 @@ def main() -> None:
             pretraining_arm(cfg, base, "fused Adam", fused_adam=True),
             pretraining_arm(cfg, base, "U-Net alone (no preconditioning)", bare_unet=True),
             *[pretraining_arm(cfg, base, f"batch {size}", batch_size=size) for size in args.batch_sizes],
-            *[pretraining_arm(cfg, net, f"base_channels {width} ({parameters(net):,} parameters)")
-              for width, net in narrower.items()],
+            *[pretraining_arm(cfg, net, f"{arm} ({parameters(net):,} parameters)") for arm, net in others.items()],
             *compiled,
         ]
         if compiled:
@@ -304,8 +307,8 @@ def main() -> None:
         flop = nonprivate_flop(cfg, base, size)
         for arm in dp_arms:
             arm.flop = flop
-        for width, net in narrower.items():
-            dp_arms.append(dp_arm(cfg, net, f"base_channels {width}", size))
+        for arm, net in others.items():
+            dp_arms.append(dp_arm(cfg, net, arm, size))
             dp_arms[-1].flop = nonprivate_flop(cfg, net, size)
         time_arms(dp_arms, args.dp_rounds)
         print_table(f"DP-SGD step, logical batch {size}", dp_arms)

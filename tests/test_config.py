@@ -54,6 +54,8 @@ def test_saved_config_is_the_starting_point(tmp_path):
         ("method=gan", "method"),
         ("data.resolution=29", "divisible by 2"),
         ("model.base_channels=15", "model.base_channels"),
+        ("model.patch_size=3", "model.patch_size must be a positive integer dividing"),
+        ("model.patch_size=0", "model.patch_size"),
         ("sample.steps=0", "sample.steps"),
         ("minutes=0", "minutes"),
         ("finetune=3", "'finetune' is a section"),

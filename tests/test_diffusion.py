@@ -37,6 +37,23 @@ def test_unet_output_has_input_shape(resolution: int, channels: int) -> None:
     assert torch.isfinite(out).all()
 
 
+def test_a_patched_unet_runs_at_a_lower_resolution_and_returns_full_resolution_images() -> None:
+    """patch_size 2: the U-Net sees 2 x 2 patches as channels (pixel-unshuffle) and gives them back."""
+    unet = randomize(UNet(resolution=28, in_channels=1, num_classes=10, base_channels=16, channel_mult=(1, 1),
+                          patch_size=2))
+    assert unet.input_conv.in_channels == 4 and unet.output_conv.out_channels == 4
+    seen = []
+    unet.encoder[0].register_forward_hook(lambda module, inputs, output: seen.append(output.shape[-2:]))
+    x = torch.randn(2, 1, 28, 28)
+    out = unet(x, torch.randn(2), torch.tensor([0, 10]))
+    assert out.shape == x.shape and torch.isfinite(out).all() and seen == [(14, 14)]
+
+
+def test_a_patch_size_that_does_not_divide_the_resolution_is_refused() -> None:
+    with pytest.raises(ValueError, match="patch_size 3"):
+        UNet(resolution=28, in_channels=1, num_classes=10, channel_mult=(1,), patch_size=3)
+
+
 def test_unet_starts_at_zero_output() -> None:
     """The zero-initialised output layer makes D(x) = c_skip x at initialisation, as in EDM."""
     unet = tiny_unet()
@@ -140,9 +157,10 @@ def test_label_dropout_frequency() -> None:
     assert torch.equal(seen["labels"], labels)
 
 
-def test_vmap_per_sample_gradients_equal_a_per_example_loop() -> None:
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_vmap_per_sample_gradients_equal_a_per_example_loop(patch_size: int) -> None:
     torch.manual_seed(0)
-    denoiser = EDMPrecond(randomize(tiny_unet(attn_resolutions=(4,))))
+    denoiser = EDMPrecond(randomize(tiny_unet(attn_resolutions=(4 // patch_size,), patch_size=patch_size)))
     params = {name: p.detach() for name, p in denoiser.named_parameters()}
     x, labels = torch.randn(3, 1, 8, 8), torch.tensor([0, 2, 3])
 

@@ -30,7 +30,7 @@ def build_denoiser(cfg: DictConfig, num_classes: int) -> EDMPrecond:
     unet = UNet(
         resolution=cfg.data.resolution, in_channels=cfg.data.channels, num_classes=num_classes,
         base_channels=m.base_channels, channel_mult=tuple(m.channel_mult), num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+        attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout, patch_size=m.patch_size,
     )
     return EDMPrecond(unet, sigma_data=m.sigma_data)
 

@@ -189,9 +189,12 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     levels = len(m.channel_mult)
     _check(levels >= 1, "model.channel_mult is empty: give one multiplier per resolution level, e.g. [1, 2, 2]")
-    _check(cfg.data.resolution % 2 ** (levels - 1) == 0,
-           f"model.channel_mult has {levels} levels, which need data.resolution divisible by {2 ** (levels - 1)} "
-           f"(got {cfg.data.resolution}): use fewer levels or another resolution")
+    _check(isinstance(m.patch_size, int) and m.patch_size >= 1 and cfg.data.resolution % m.patch_size == 0,
+           f"model.patch_size must be a positive integer dividing data.resolution {cfg.data.resolution}, "
+           f"e.g. 1 or 2 (got {m.patch_size})")
+    _check(cfg.data.resolution // m.patch_size % 2 ** (levels - 1) == 0,
+           f"model.channel_mult has {levels} levels, which need data.resolution / model.patch_size divisible by "
+           f"{2 ** (levels - 1)} (got {cfg.data.resolution} / {m.patch_size}): use fewer levels or another resolution")
     _check(isinstance(m.base_channels, int) and m.base_channels >= 2 and m.base_channels % 2 == 0,
            f"model.base_channels must be an even integer such as 32 (got {m.base_channels})")
     r = cfg.dpmerf

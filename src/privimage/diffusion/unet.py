@@ -95,8 +95,13 @@ class UNet(nn.Module):
 
     def __init__(self, *, resolution: int, in_channels: int, num_classes: int, base_channels: int = 32,
                  channel_mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1,
-                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0):
+                 attn_resolutions: Sequence[int] = (), dropout: float = 0.0, patch_size: int = 1):
         super().__init__()
+        if patch_size < 1 or resolution % patch_size:
+            raise ValueError(f"patch_size {patch_size} must be >= 1 and divide the resolution {resolution}")
+        self.patch_size = patch_size
+        resolution //= patch_size
+        in_channels *= patch_size ** 2
         levels = len(channel_mult)
         if levels == 0:
             raise ValueError("channel_mult is empty: give one multiplier per resolution level")
@@ -154,7 +159,7 @@ class UNet(nn.Module):
         emb = positional_embedding(noise_labels, self.noise_channels) + self.class_embed(class_labels)
         emb = self.embed_mlp(emb)
 
-        x = self.input_conv(x)
+        x = self.input_conv(F.pixel_unshuffle(x, self.patch_size))
         skips = [x]
         for block in self.encoder:
             x = block(x, emb)
@@ -166,4 +171,4 @@ class UNet(nn.Module):
                 x = self.upsamplers[level - 1](x, emb)
             for block in level_blocks:
                 x = block(torch.cat([x, skips.pop()], dim=1), emb)
-        return self.output_conv(F.silu(self.output_norm(x)))
+        return F.pixel_shuffle(self.output_conv(F.silu(self.output_norm(x))), self.patch_size)
