@@ -45,11 +45,11 @@ def cnn_accuracy(pipeline: Pipeline, synthetic: ImageDataset, real: ImageDataset
                                epochs=cfg.evaluate.classifier_epochs, seed=cfg.seed, progress=False)["cnn"]
 
 
-def public_shares(pipeline: Pipeline, probes: dict[str, np.ndarray]) -> dict[str, float]:
+def public_shares(pipeline: Pipeline, probes: dict[str, np.ndarray], seed: int | None = None) -> dict[str, float]:
     """The share of each probe set that the evaluate stage's public-vs-sensitive CNN calls public (a private
-    measure: it trains on the sensitive training split)."""
-    return public_share(pipeline.public.images, pipeline.sensitive_train.images, probes, seed=pipeline.cfg.seed,
-                        device=str(pipeline.device))
+    measure: it trains on the sensitive training split); the CNN is seeded by `seed`, default the run's."""
+    return public_share(pipeline.public.images, pipeline.sensitive_train.images, probes,
+                        seed=pipeline.cfg.seed if seed is None else seed, device=str(pipeline.device))
 
 
 def public_share_of(pipeline: Pipeline, synthetic: ImageDataset) -> float:

@@ -31,14 +31,14 @@ from privimage.builders import MODEL_FILE, load_denoiser
 from privimage.checkpoint import load_checkpoint
 from privimage.config import load_config
 from privimage.data import ImageDataset, to_tensor
-from privimage.evaluation.downstream import downstream_accuracy
-from privimage.evaluation.public_share import public_share
 from privimage.merf import class_means
 from privimage.pipeline import Pipeline
 from privimage.stages.dpmerf import EMBEDDING_FILE, random_features
 from privimage.stages.sample import generate
 from privimage.stages.warmstart import STAGE as WARM_START, warm_start_images
 from privimage.synthetic import balanced_labels, load_synthetic
+
+from lever_runs import cnn_accuracy, public_shares
 
 
 def per_class_mix(noise: np.ndarray, redrawn: np.ndarray, labels: np.ndarray, noise_share: np.ndarray) -> np.ndarray:
@@ -93,12 +93,10 @@ def score_run(root: Path, sigmas: list[float], seeds: list[int]) -> dict:
     sets["fit rule"] = per_class_mix(noise, redrawn, numpy_labels, fit_shares(root, names))
     sets["release rule"] = per_class_mix(noise, redrawn, numpy_labels,
                                          release_shares(cfg, root, noise, redrawn, numpy_labels))
-    accuracy = {name: downstream_accuracy(ImageDataset(images, numpy_labels, names, name=name), real.images,
-                                          real.labels, classifiers=["cnn"], epochs=cfg.evaluate.classifier_epochs,
-                                          seed=cfg.seed, progress=False)["cnn"] for name, images in sets.items()}
+    accuracy = {name: cnn_accuracy(pipeline, ImageDataset(images, numpy_labels, names, name=name), real)
+                for name, images in sets.items()}
     probes = {**sets, "real test": pipeline.sensitive_test.images}
-    shares = [public_share(pipeline.public.images, real.images, probes, seed=seed, device=str(device))
-              for seed in seeds]
+    shares = [public_shares(pipeline, probes, seed) for seed in seeds]
     return {"run": str(root), "accuracy": {k: round(v, 4) for k, v in accuracy.items()},
             "public_share": {k: round(float(np.mean([s[k] for s in shares])), 4) for k in probes}}
 
